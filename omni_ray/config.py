@@ -1,0 +1,337 @@
+"""The run configuration: one YAML file, typed and checked once when it is loaded.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names
+the key instead of a setting that silently does nothing. Functions below the loader take the
+section they need (``FreezeConfig``, ``StrategyConfig`` ...), never the whole ``Config``.
+
+MiniCPM-V's own finetune flags (``tune_vision``, ``tune_llm``, ``use_lora``, ``lora_*``,
+``model_max_length``, ``max_slice_nums``) are accepted at the top level and mapped onto the
+sections, so its users can bring their scripts' settings unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omni_ray.storage import StorageConfig
+
+Mode = Literal["frozen", "full", "lora"]
+GROUPS = ("vision", "projector", "llm", "embeddings", "lm_head")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as ``key: what is wrong; how to fix it``."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(description="Local directory or s3:// prefix of a Hugging Face checkpoint.")
+    arch: str | None = Field(
+        None, description="Spec name (see `omni-ray validate --list-archs`); default: from config.json model_type."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the checkpoint's own Python code (MiniCPM-V 2.x, MiniCPM-o). Off by default."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "float32", description="dtype the weights are loaded in; training precision is train.precision."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    max_slice_nums: int | None = Field(
+        None, ge=1, description="Most slices one image is cut into (MiniCPM-V); more slices, more image tokens."
+    )
+    processor: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the image processor (e.g. scale_resolution)."
+    )
+
+
+class GroupFreeze(Section):
+    mode: Mode
+    last_n_layers: int | None = Field(
+        None, ge=1, description="Apply `mode` only to the group's last N layers; the rest of the group is frozen."
+    )
+
+
+class Override(Section):
+    pattern: str = Field(description="Regular expression searched in parameter names (base model names).")
+    mode: Literal["frozen", "full"]
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err}); escape dots as '\\.'") from None
+        return value
+
+
+def _as_group(value: Any) -> Any:
+    return {"mode": value} if isinstance(value, str) else value
+
+
+class FreezeConfig(Section):
+    """What trains, per module group. Overrides are applied last, in order."""
+
+    vision: GroupFreeze = GroupFreeze(mode="frozen")
+    projector: GroupFreeze = GroupFreeze(mode="full")
+    llm: GroupFreeze = GroupFreeze(mode="lora")
+    embeddings: GroupFreeze = GroupFreeze(mode="frozen")
+    lm_head: GroupFreeze = GroupFreeze(mode="frozen")
+    overrides: list[Override] = Field(default_factory=list)
+    lr: dict[str, float] = Field(
+        default_factory=dict, description="Per-group learning rate; groups not named use train.lr."
+    )
+
+    @field_validator(*GROUPS, mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:  # `llm: lora` means `llm: {mode: lora}`
+        return _as_group(value)
+
+    @field_validator("lr")
+    @classmethod
+    def _known_groups(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"unknown group(s) {unknown}; use one of {list(GROUPS)}")
+        return value
+
+    def group(self, name: str) -> GroupFreeze:
+        return getattr(self, name)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="Module names (suffixes like q_proj) or one regex over full module names; "
+        "default: the architecture's targets.",
+    )
+    dora: bool = False
+    rslora: bool = False
+    per_group: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Rank/alpha per group, e.g. {vision: {r: 8, alpha: 16}}."
+    )
+
+    @field_validator("per_group")
+    @classmethod
+    def _per_group_keys(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        for group, settings in value.items():
+            if group not in GROUPS:
+                raise ValueError(f"unknown group {group!r}; use one of {list(GROUPS)}")
+            extra = sorted(set(settings) - {"r", "alpha"})
+            if extra:
+                raise ValueError(f"{group}: unknown key(s) {extra}; only r and alpha can be set per group")
+        return value
+
+
+class DataConfig(Section):
+    train: str = Field(description="Prepared shard prefix (manifest.json) or a MiniCPM-V JSON/JSONL file.")
+    eval: str | None = None
+    model_max_length: int = Field(2048, ge=16, description="Tokens per sample, image tokens included.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="Stop when more than this fraction of samples is rejected."
+    )
+    shuffle: bool = True
+    num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+
+
+class StrategyConfig(Section):
+    name: Literal["fsdp", "deepspeed"] = "fsdp"
+    zero_stage: Literal[2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reshard_after_forward: bool = True
+    deepspeed_extra: dict[str, Any] = Field(
+        default_factory=dict, description="Extra DeepSpeed config keys, merged over the generated config."
+    )
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; none: at the end.")
+    keep: int | None = Field(2, ge=1)
+    async_upload: bool = True
+    trainable_only: bool | None = Field(
+        None, description="Save only trained parameters; default: yes when any parameter is frozen."
+    )
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    max_failures: int = Field(3, ge=-1, description="Worker/node failures to recover from; -1: unlimited.")
+
+
+class RunConfig(Section):
+    name: str = Field("omni-ray-run", pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = Field(
+        "~/omni_ray_runs", description="Where runs and checkpoints live: a local path or s3://bucket/prefix."
+    )
+
+
+MINICPMV_FLAGS = (
+    "tune_vision",
+    "tune_llm",
+    "use_lora",
+    "lora_target_modules",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "model_max_length",
+    "max_slice_nums",
+)
+
+
+class Config(Section):
+    model: ModelConfig
+    data: DataConfig
+    freeze: FreezeConfig = FreezeConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _map_minicpmv_flags(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not any(flag in raw for flag in MINICPMV_FLAGS):
+            return raw
+        return map_minicpmv_flags(raw)
+
+
+def _setdefault_path(raw: dict, dotted: str, value: Any, flag: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{flag}: cannot map onto {dotted} because {key} is not a section")
+    if leaf in node and node[leaf] != value:
+        raise ValueError(f"{flag} conflicts with {dotted}={node[leaf]!r}; set one of them, not both")
+    node[leaf] = value
+
+
+def map_minicpmv_flags(raw: dict) -> dict:
+    """Translate MiniCPM-V finetune flags into sections (pure; returns a new dict).
+
+    MiniCPM-V's finetune.py: ``--tune_vision`` trains the vision tower, ``--tune_llm`` the whole
+    LLM, ``--use_lora`` adds LoRA to the LLM (its resampler always trains; here it is the
+    ``projector`` group and keeps its own setting).
+    """
+    raw = {k: v for k, v in raw.items()}
+    flags = {k: raw.pop(k) for k in MINICPMV_FLAGS if k in raw}
+    for section in ("freeze", "lora", "data", "model"):
+        raw[section] = dict(raw.get(section) or {})
+    if "tune_vision" in flags:
+        _setdefault_path(raw, "freeze.vision", "full" if flags["tune_vision"] else "frozen", "tune_vision")
+    use_lora, tune_llm = flags.get("use_lora"), flags.get("tune_llm")
+    if use_lora and tune_llm:
+        raise ValueError("tune_llm and use_lora are both true; MiniCPM-V trains the LLM either fully or with LoRA")
+    if use_lora:
+        _setdefault_path(raw, "freeze.llm", "lora", "use_lora")
+    elif tune_llm is not None:
+        _setdefault_path(raw, "freeze.llm", "full" if tune_llm else "frozen", "tune_llm")
+    for flag, key in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if flag in flags:
+            _setdefault_path(raw, f"lora.{key}", flags[flag], flag)
+    if "lora_target_modules" in flags:
+        _setdefault_path(raw, "lora.target_modules", flags["lora_target_modules"], "lora_target_modules")
+    if "model_max_length" in flags:
+        _setdefault_path(raw, "data.model_max_length", flags["model_max_length"], "model_max_length")
+    if "max_slice_nums" in flags:
+        _setdefault_path(raw, "model.max_slice_nums", flags["max_slice_nums"], "max_slice_nums")
+    return raw
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` → (["section", "key"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    key, _, value = item.partition("=")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                if isinstance(child, str) and key in GROUPS:  # freeze.llm: lora → freeze.llm.last_n_layers=4
+                    child = node[key] = {"mode": child}
+                else:
+                    raise ConfigError(f"--set {item!r}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `omni-ray validate --schema` or remove it"
+        elif e["type"] == "missing":
+            msg = "required; add it to the config"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
+    """Load and check a config from a YAML path or a dict; raise ConfigError naming each bad key."""
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

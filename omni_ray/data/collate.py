@@ -1,0 +1,44 @@
+"""Batch processed samples: right-pad token arrays, concatenate image arrays.
+
+Image inputs are concatenated along the dim the model spec names (MiniCPM-V packs all slices
+of a batch into one row of patches; Qwen-VL stacks patch rows; LLaVA stacks images).
+
+A batch without any image gets one extra row, the "vision keep-alive": a processed dummy image
+sample whose labels are all ignored. It runs the vision path at zero weight, so under FSDP2 or
+ZeRO-3 with a trainable vision encoder every rank takes part in the same collectives every step
+(a rank that skipped the vision forward would hang the others) and the loss is unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from omni_ray.data.conversation import IGNORE_INDEX
+
+PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
+
+
+def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
+            keep_alive: dict | None = None, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    samples = list(samples)
+    has_images = any(int(s.get("num_images", 0)) > 0 for s in samples)
+    if not has_images and keep_alive is not None:
+        samples.append({**keep_alive, "labels": np.full_like(keep_alive["input_ids"], IGNORE_INDEX)})
+    length = max(len(s["input_ids"]) for s in samples)
+    length = -(-length // pad_to_multiple) * pad_to_multiple
+    batch: dict[str, torch.Tensor] = {}
+    token_keys = [k for k in PAD_VALUES if k in samples[0] or k == "attention_mask"]
+    for key in token_keys:
+        pad = pad_token_id if key == "input_ids" else PAD_VALUES[key]
+        out = np.full((len(samples), length), pad, dtype=np.int64)
+        for i, s in enumerate(samples):
+            row = s["input_ids"] if key == "attention_mask" else s[key]
+            out[i, : len(row)] = 1 if key == "attention_mask" else row
+        batch[key] = torch.from_numpy(out)
+    for key, dim in image_inputs.items():
+        parts = [s[key] for s in samples if key in s and int(s.get("num_images", 0)) > 0]
+        if parts:
+            batch[key] = torch.from_numpy(np.concatenate(parts, axis=dim))
+    batch["num_label_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+    return batch

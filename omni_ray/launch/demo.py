@@ -1,0 +1,89 @@
+"""``omni-ray demo``: fine-tune a tiny MiniCPM-V 4.6 on 2 CPU workers and show that it learned.
+
+Builds a random-initialised MiniCPM-V 4.6 (real transformers classes, tokenizer trained here,
+stock processor), a colour-question dataset in MiniCPM-V's format, and trains with the vision
+encoder frozen, the merger (projector) fully trained and LoRA on the language model, on a local
+Ray with FSDP2 over gloo. Held-out accuracy is measured before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omni_ray.config import Config, load_config
+
+
+def demo_config(workdir: Path, num_workers: int, max_steps: int | None) -> Config:
+    return load_config({
+        "model": {"path": str(workdir / "model"), "dtype": "float32"},
+        "data": {"train": str(workdir / "data" / "train.jsonl"), "model_max_length": 64, "max_bad_fraction": 0.0},
+        "freeze": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": {"projector": 3e-3}},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"epochs": 3, "max_steps": max_steps, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
+                  "precision": "fp32", "log_every": 5, "seed": 0},
+        "strategy": {"name": "fsdp"},
+        "scaling": {"num_workers": num_workers, "max_failures": 0},
+        "run": {"name": f"demo-{int(time.time())}", "storage_path": str(workdir / "runs")},
+    })
+
+
+def eval_items(eval_jsonl: Path) -> list[dict]:
+    from PIL import Image
+
+    from omni_ray.data.formats import normalize_record
+    from omni_ray.data.synthetic import COLORS
+
+    items = []
+    for i, line in enumerate(eval_jsonl.read_text().splitlines()):
+        sample = normalize_record(json.loads(line), i)
+        images = [Image.open(eval_jsonl.parent / ref).convert("RGB") for ref in sample["image_refs"]]
+        items.append({"messages": sample["messages"][:-1], "images": images, "choices": list(COLORS),
+                      "answer": sample["messages"][-1]["content"]})
+    return items
+
+
+def accuracy(cfg: Config, items: list[dict], checkpoint: str | None) -> float:
+    from omni_ray.data.conversation import SampleProcessor
+    from omni_ray.evaluate import choice_accuracy
+    from omni_ray.models.loading import load_processor, local_model_dir
+    from omni_ray.train.checkpoint import restore_model
+
+    model, spec, _ = restore_model(cfg, checkpoint)
+    processor = load_processor(cfg.model, local_model_dir(cfg.model, cfg.storage))
+    sp = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
+    return choice_accuracy(model, sp, items, spec.image_inputs, sp.tokenizer.pad_token_id or 0)
+
+
+def run_demo(workdir: str | Path, num_workers: int = 2, max_steps: int | None = None,
+             n_train: int = 480, n_eval: int = 60) -> dict:
+    from omni_ray.data.synthetic import COLORS, make_color_dataset
+    from omni_ray.launch.driver import train
+    from omni_ray.models.tiny import build_tiny_minicpmv
+
+    workdir = Path(workdir).expanduser().resolve()
+    t0 = time.perf_counter()
+    if not (workdir / "model" / "config.json").exists():
+        build_tiny_minicpmv(workdir / "model")
+    _, eval_path = make_color_dataset(workdir / "data", n_train=n_train, n_eval=n_eval)
+    cfg = demo_config(workdir, num_workers, max_steps)
+    items = eval_items(eval_path)
+    before = accuracy(cfg, items, None)
+    print(f"[demo] held-out accuracy before training: {before:.3f} (chance {1 / len(COLORS):.3f})", flush=True)
+    result = train(cfg)
+    if result.error:
+        raise result.error
+    checkpoint = result.checkpoint.to_directory()
+    after = accuracy(cfg, items, checkpoint)
+    summary = {
+        "accuracy_before": before, "accuracy_after": after, "chance": 1 / len(COLORS),
+        "final_loss": result.metrics.get("loss"), "steps": result.metrics.get("step"),
+        "frozen_unchanged": result.metrics.get("frozen_unchanged"),
+        "run_dir": str(result.path), "checkpoint": str(result.checkpoint.path),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(f"[demo] held-out accuracy after training:  {after:.3f} (before {before:.3f}, chance {1 / len(COLORS):.3f})")
+    print(f"[demo] run files: {summary['run_dir']}\n[demo] checkpoint: {summary['checkpoint']}")
+    print(f"[demo] {json.dumps(summary)}", flush=True)
+    return summary

@@ -1,0 +1,183 @@
+"""Tiny random-initialised checkpoints for tests, benchmarks and the demo.
+
+Nothing can be downloaded at run time, so a tiny model is built from the real transformers
+classes, with a byte-level BPE tokenizer trained here and the architecture's stock processor,
+and saved with ``save_pretrained``: it then loads through exactly the code path a real
+checkpoint takes (``omni_ray.models.loading``).
+
+    python -m omni_ray.models.tiny minicpmv4_6 /tmp/tiny-minicpmv
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Special tokens shared by the tiny MiniCPM-V and Qwen-VL tokenizers (chat markers + image markers).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_MINICPMV_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+_CORPUS = (
+    "user assistant system what is the color of the shape in the picture? it is red green blue yellow "
+    "purple orange white black cyan magenta brown pink gray. the answer is one word. "
+    "a cat a dog an astronaut coffee a rocket a horse. describe the image. how many objects are there? "
+    "0 1 2 3 4 5 6 7 8 9 yes no left right top bottom circle square triangle star"
+)
+
+
+def train_tokenizer(extra_special: list[str], named_special: dict[str, str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", *extra_special]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", extra_special_tokens=named_special
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _text_config(model_type: str, vocab: int, layers: int) -> dict:
+    cfg = dict(
+        model_type=model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    if model_type == "qwen3_5_text":
+        # Qwen3.5 interleaves linear-attention (Gated DeltaNet) and full-attention layers.
+        cfg.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+    return cfg
+
+
+def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: int = 4, vision_layers: int = 2,
+                        scale_resolution: int = 112, seed: int = 0) -> Path:
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module(f"transformers.models.minicpmv{version}")
+    ver = version.upper()
+    tokenizer = train_tokenizer(list(_MINICPMV_TOKENS.values()), _MINICPMV_TOKENS)
+    # MiniCPM-V 4.7 reuses the 4.6 image and video processors.
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+    image_processor = MiniCPMV4_6ImageProcessorPil(
+        # Small images keep the tiny model fast: 112 px / 14 px patches = 8x8 patches -> 4 image tokens.
+        scale_resolution=scale_resolution, max_slice_nums=1, slice_mode=False, patch_size=14,
+    )
+    video_processor = MiniCPMV4_6VideoProcessor()
+    processor = getattr(mod, f"MiniCPMV{ver}Processor")(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = getattr(mod, f"MiniCPMV{ver}Config")(
+        text_config=_text_config("qwen3_5_text", len(tokenizer), text_layers),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                           num_attention_heads=4, patch_size=14, image_size=scale_resolution),
+        insert_layer_id=0,
+        image_size=scale_resolution,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+    )
+    torch.manual_seed(seed)
+    model = getattr(mod, f"MiniCPMV{ver}ForConditionalGeneration")(config)
+    return _save(out, model, processor)
+
+
+def build_tiny_qwen_vl(out: str | Path, model_type: str = "qwen2_5_vl", *, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: F401
+    from transformers import CONFIG_MAPPING, Qwen2VLImageProcessor
+
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tokenizer = train_tokenizer(list(named.values()), named)
+    processor_cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
+    import transformers
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=56 * 56 * 4)
+    video_processor = transformers.Qwen2VLVideoProcessor()
+    processor = getattr(transformers, processor_cls)(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+    text = _text_config(model_type + "_text", len(tokenizer), 2)
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    vision = dict(depth=2, hidden_size=64, embed_dim=64, out_hidden_size=64, intermediate_size=128, num_heads=4,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1])
+    config = CONFIG_MAPPING[model_type](
+        text_config=text, vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    return _save(out, model, processor)
+
+
+def build_tiny_llava(out: str | Path, *, seed: int = 0) -> Path:
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    named = {"image_token": "<image>"}
+    tokenizer = train_tokenizer(["<image>"], named)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        text_config=_text_config("llama", len(tokenizer), 2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=28, patch_size=14, projection_dim=64),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return _save(out, model, processor)
+
+
+def _save(out: str | Path, model, processor) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+BUILDERS = {
+    "minicpmv4_6": lambda out, **kw: build_tiny_minicpmv(out, "4_6", **kw),
+    "minicpmv4_7": lambda out, **kw: build_tiny_minicpmv(out, "4_7", **kw),
+    "qwen2_vl": lambda out, **kw: build_tiny_qwen_vl(out, "qwen2_vl", **kw),
+    "qwen2_5_vl": lambda out, **kw: build_tiny_qwen_vl(out, "qwen2_5_vl", **kw),
+    "llava": build_tiny_llava,
+}
+
+
+def build_tiny(arch: str, out: str | Path, **kwargs) -> Path:
+    if arch not in BUILDERS:
+        raise KeyError(f"no tiny builder for {arch!r}; available: {sorted(BUILDERS)}")
+    return BUILDERS[arch](out, **kwargs)
+
+
+if __name__ == "__main__":
+    print(build_tiny(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,119 @@
+"""FSDP2: ``fully_shard`` on every repeated layer, then on the root; a torch AdamW.
+
+Frozen and trainable parameters may share a layer: FSDP2 shards per parameter, and only the
+trainable ones are handed to the optimizer, so frozen weights get neither gradients nor state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from omni_ray.config import StrategyConfig, TrainConfig
+from omni_ray.models.spec import ModelSpec
+from omni_ray.strategies.base import Strategy, make_scheduler
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
+        self.cfg, self.train, self.device = cfg, train, device
+        self.scaler = None
+
+    def wrap(self, model, spec: ModelSpec):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        precision = self.train.precision
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp, "reshard_after_forward": self.cfg.reshard_after_forward}
+        if self.cfg.offload_params:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        model.to(self.device)
+        layers = [m for m in model.modules() if type(m).__name__ in spec.layer_classes]
+        if not layers:
+            raise RuntimeError(f"{spec.name}: no module of classes {spec.layer_classes} found to shard")
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        self.model = model
+        if precision == "fp16":
+            # fp16 has too little range for raw gradients: scale the loss, skip steps that overflow.
+            from torch.amp import GradScaler
+
+            self.scaler = GradScaler(self.device.type)
+        return model
+
+    def setup_optimizer(self, param_groups: list[dict], total_steps: int):
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay,
+                                           foreach=self.device.type != "cpu")
+        self.scheduler = make_scheduler(self.optimizer, self.train, total_steps)
+        self.optimizer_params = [p for g in groups for p in g["params"]]
+        return self.optimizer
+
+    def forward(self, batch: dict):
+        return self.model(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> dict:
+        """Clip, step, zero. Returns grad_norm and whether the step was skipped (fp16 overflow)."""
+        params = self.optimizer_params
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.train.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        skipped = False
+        if self.scaler:
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < before
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return {"grad_norm": float(norm), "skipped": skipped}
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gather_trainable(self, rank: int) -> dict[str, torch.Tensor]:
+        """Full (unsharded) trainable tensors on rank 0, by parameter name. Collective: all ranks call it."""
+        out = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
+                if rank == 0:
+                    out[name] = full.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors into this rank's shards of the trainable parameters."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, param in self.model.named_parameters():
+            if name in tensors:
+                value = tensors[name].to(param.dtype)
+                if hasattr(param, "device_mesh"):
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                    param.data.to_local().copy_(value.to_local())
+                else:
+                    param.data.copy_(value)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def unwrapped(self):
+        return self.model
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()

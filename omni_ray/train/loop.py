@@ -1,0 +1,182 @@
+"""The training recipe, top to bottom: one worker's view of a run.
+
+    setup    load the checkpoint, plan and apply the freeze map, wrap (FSDP2 | ZeRO), optimizer
+    loop     shard iterator -> collate -> forward/backward x grad_accum -> clip, step -> report
+    audit    after the first step: the freeze map held under the engine (every rank)
+    save     trainable-only checkpoint at every_n_steps and at the end
+
+Ray Train starts ``train_loop_per_worker`` once per worker; ``run`` takes any session (see
+``omni_ray.train.session``), so the same loop runs as a single plain process:
+
+    from omni_ray.train.loop import run; from omni_ray.train.session import LocalSession
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from omni_ray.config import Config
+from omni_ray.data.collate import collate
+from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor, decode
+from omni_ray.freeze import apply_plan, audit, format_audit, frozen_fingerprint, param_groups, plan_freeze
+from omni_ray.models.loading import load_model, load_processor, local_model_dir, read_hf_config, resolve_spec
+from omni_ray.strategies import build_strategy
+from omni_ray.train import checkpoint as ckpt
+
+NON_MODEL_KEYS = ("labels", "num_label_tokens")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    from omni_ray.train.session import RaySession
+
+    run(Config.model_validate(loop_config["config"]), RaySession(), loop_config["num_rows"])
+
+
+def keep_alive_sample(processor, sample_processor: SampleProcessor) -> dict:
+    """A processed one-image sample used to run the vision path in image-free batches (see collate)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (28, 28))
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "."}]
+    return sample_processor(messages, [image])
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label positions (float32 for a stable softmax)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def run(cfg: Config, session, num_rows: int) -> dict:
+    rank, world = session.rank, session.world_size
+    device = session.device
+    torch.manual_seed(cfg.train.seed)  # same seed on every rank: LoRA adapters start identical
+
+    # --- model: load, freeze map, engine ----------------------------------------------------
+    local_dir = local_model_dir(cfg.model, cfg.storage)
+    spec = resolve_spec(cfg.model, read_hf_config(cfg.model, cfg.storage))
+    model = load_model(cfg.model, spec, local_dir)
+    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
+                       cfg.train.lr)
+    model = apply_plan(model, plan, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    strategy = build_strategy(cfg.strategy, cfg.train, device)
+    model = strategy.wrap(model, spec)
+    fingerprint = frozen_fingerprint(model)
+
+    # world_size workers each take micro_batch_size samples grad_accum times per optimizer step.
+    samples_per_step = world * cfg.train.micro_batch_size * cfg.train.grad_accum
+    steps_per_epoch = max(1, num_rows // samples_per_step)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    strategy.setup_optimizer(param_groups(model, plan, cfg.train.weight_decay), total_steps)
+
+    processor = load_processor(cfg.model, local_dir)
+    sample_processor = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
+    keep_alive = keep_alive_sample(processor, sample_processor)
+    pad_id = sample_processor.tokenizer.pad_token_id or 0
+
+    # --- data ---------------------------------------------------------------------------------
+    shard = session.dataset_shard("train")
+    rejected: Counter = Counter()
+    seen = 0
+
+    def micro_batches():
+        nonlocal seen
+        epoch = 0
+        while True:
+            for rows in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
+                                           prefetch_batches=2):
+                samples = []
+                for i, reason in enumerate(rows["reason"]):
+                    seen += 1
+                    if reason:
+                        rejected[str(reason)] += 1
+                    else:
+                        samples.append(decode(rows["sample"][i]))
+                yield epoch, collate(samples, spec.image_inputs, pad_id, keep_alive)
+            epoch += 1
+
+    batches = micro_batches()
+
+    # --- loop ---------------------------------------------------------------------------------
+    step, epoch, audited = 0, 0, False
+    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    last: dict = {}
+    while step < total_steps:
+        window = [next(batches) for _ in range(cfg.train.grad_accum)]
+        epoch = window[-1][0]
+        micro = [b for _, b in window]
+        # Normalise by the label tokens of the whole optimizer step on all ranks, so every
+        # token weighs the same whatever the batch split, world size or engine.
+        local_tokens = float(sum(int(b["num_label_tokens"]) for b in micro))
+        (global_tokens,) = _all_reduce([local_tokens])
+        loss_sum = 0.0
+        for batch in micro:
+            labels = batch["labels"]
+            inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+            logits = strategy.forward(inputs).logits
+            loss = token_loss_sum(logits, labels)
+            strategy.backward(loss * world / max(global_tokens, 1.0))
+            loss_sum += float(loss.detach())
+            window_samples += int((batch["attention_mask"].sum(1) > 0).sum())
+            window_tokens += int(batch["attention_mask"].sum())
+        stats = strategy.step()
+        step += 1
+        if not audited:  # gradients and optimizer state exist now: check the freeze map held
+            rows = audit(strategy.unwrapped(), plan, strategy.optimizer_params, strategy.optimizer_state())
+            if rank == 0:
+                print(format_audit(rows), flush=True)
+            audited = True
+        strategy.zero_grad()
+
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            reasons = sorted(set(rejected) | {"_"})
+            totals = _all_reduce([loss_sum, global_tokens / world * 0 + local_tokens, window_samples,
+                                  window_tokens, seen] + [rejected[r] for r in reasons])
+            elapsed = time.perf_counter() - window_start
+            last = {
+                "step": step, "epoch": epoch,
+                "loss": totals[0] / max(totals[1], 1.0),
+                "lr": strategy.current_lr(), "grad_norm": stats["grad_norm"],
+                "skipped_steps": stats.get("skipped_total", int(stats.get("skipped", False))),
+                "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
+                "rejected": {r: int(v) for r, v in zip(reasons, totals[5:]) if v and r != "_"},
+            }
+            bad = sum(last["rejected"].values()) / max(totals[4], 1.0)
+            if bad > cfg.data.max_bad_fraction:
+                raise RuntimeError(
+                    f"data.max_bad_fraction: {bad:.1%} of samples rejected ({last['rejected']}), above "
+                    f"{cfg.data.max_bad_fraction:.1%}; run `omni-ray data check` to see which and why"
+                )
+            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            checkpoint_due = (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0)
+            if checkpoint_due or step == total_steps:
+                last["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
+                path = ckpt.save(strategy, plan, cfg, step, rank)
+                session.report(last, checkpoint_dir=path)
+            else:
+                session.report(last)
+    return last
+
+
+__all__ = ["run", "train_loop_per_worker", "token_loss_sum"]
+
+
+def _unused(np_=np):  # keep numpy imported for batch_format="numpy" users reading this module
+    return np_
