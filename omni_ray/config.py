@@ -240,6 +240,17 @@ def _setdefault_path(raw: dict, dotted: str, value: Any, flag: str) -> None:
     node[leaf] = value
 
 
+def _set_mode(raw: dict, group: str, mode: str, flag: str) -> None:
+    """Set freeze.<group>'s mode from a flag; a dict setting (e.g. last_n_layers) keeps its other keys."""
+    current = raw["freeze"].get(group)
+    if isinstance(current, dict):
+        if current.get("mode", mode) != mode:
+            raise ValueError(f"{flag} conflicts with freeze.{group}.mode={current['mode']!r}; set one of them, not both")
+        raw["freeze"][group] = {**current, "mode": mode}
+    else:
+        _setdefault_path(raw, f"freeze.{group}", mode, flag)
+
+
 def map_minicpmv_flags(raw: dict) -> dict:
     """Translate MiniCPM-V finetune flags into sections (pure; returns a new dict).
 
@@ -252,14 +263,14 @@ def map_minicpmv_flags(raw: dict) -> dict:
     for section in ("freeze", "lora", "data", "model"):
         raw[section] = dict(raw.get(section) or {})
     if "tune_vision" in flags:
-        _setdefault_path(raw, "freeze.vision", "full" if flags["tune_vision"] else "frozen", "tune_vision")
+        _set_mode(raw, "vision", "full" if flags["tune_vision"] else "frozen", "tune_vision")
     use_lora, tune_llm = flags.get("use_lora"), flags.get("tune_llm")
     if use_lora and tune_llm:
         raise ValueError("tune_llm and use_lora are both true; MiniCPM-V trains the LLM either fully or with LoRA")
     if use_lora:
-        _setdefault_path(raw, "freeze.llm", "lora", "use_lora")
+        _set_mode(raw, "llm", "lora", "use_lora")
     elif tune_llm is not None:
-        _setdefault_path(raw, "freeze.llm", "full" if tune_llm else "frozen", "tune_llm")
+        _set_mode(raw, "llm", "full" if tune_llm else "frozen", "tune_llm")
     for flag, key in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
         if flag in flags:
             _setdefault_path(raw, f"lora.{key}", flags[flag], flag)

@@ -95,6 +95,8 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
 
     from omni_ray import storage as st
 
+    # Training prints its own progress line per report; Ray Data's bars would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if source.endswith((".json", ".jsonl")):
         ds = ray.data.from_items(json_rows(source, storage))
     else:
@@ -110,4 +112,5 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
         batch_size=16,
         concurrency=concurrency,
         num_cpus=data.num_cpus_per_preprocess_task,
+        runtime_env={"env_vars": storage.worker_env()} if storage else None,
     )

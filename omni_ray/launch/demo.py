@@ -19,9 +19,9 @@ def demo_config(workdir: Path, num_workers: int, max_steps: int | None) -> Confi
     return load_config({
         "model": {"path": str(workdir / "model"), "dtype": "float32"},
         "data": {"train": str(workdir / "data" / "train.jsonl"), "model_max_length": 64, "max_bad_fraction": 0.0},
-        "freeze": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": {"projector": 3e-3}},
+        "freeze": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": {"projector": 1e-2}},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"epochs": 3, "max_steps": max_steps, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
+        "train": {"epochs": 3, "max_steps": max_steps, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
                   "precision": "fp32", "log_every": 5, "seed": 0},
         "strategy": {"name": "fsdp"},
         "scaling": {"num_workers": num_workers, "max_failures": 0},

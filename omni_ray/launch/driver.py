@@ -45,8 +45,15 @@ def ensure_ray(cfg: Config) -> None:
         return
     env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **cfg.storage.worker_env()}
     address = os.environ.get("RAY_ADDRESS")  # set by `ray job submit` and on cluster nodes
-    ray.init(address=address or None, runtime_env={"env_vars": env}, include_dashboard=False if not address else None,
-             log_to_driver=True)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    # A local Ray on a small machine: the training workers take one logical CPU each and the
+    # preprocessing actors need room beside them, or Ray Data waits forever for a free CPU.
+    per_worker = cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    needed = cfg.scaling.num_workers * per_worker + cfg.data.num_cpus_per_preprocess_task
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env={"env_vars": env},
+             include_dashboard=False)
 
 
 def storage_for_ray(cfg: Config) -> tuple[str, object | None]:
@@ -96,6 +103,8 @@ def train(cfg: Config):
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # Workers get S3 credentials explicitly: on a cluster they do not share the driver's env.
+            worker_runtime_env={"env_vars": cfg.storage.worker_env()},
         ),
         datasets={"train": dataset},
     )

@@ -59,6 +59,9 @@ def _text_config(model_type: str, vocab: int, layers: int) -> dict:
     cfg = dict(
         model_type=model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        # ~1/sqrt(hidden): at the usual 0.02 a 64-wide random lm_head caps logits near 1, and a
+        # tiny model could then never become confident, whatever it learns.
+        initializer_range=0.125,
     )
     if model_type == "qwen3_5_text":
         # Qwen3.5 interleaves linear-attention (Gated DeltaNet) and full-attention layers.

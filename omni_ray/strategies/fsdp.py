@@ -82,14 +82,14 @@ class FSDPStrategy(Strategy):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def gather_trainable(self, rank: int) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trainable tensors on rank 0, by parameter name. Collective: all ranks call it."""
+    def gather(self, rank: int, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full (unsharded) tensors on rank 0, by parameter name. Collective: all ranks call it."""
         out = {}
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
+            if param.requires_grad or not trainable_only:
                 full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
                 if rank == 0:
-                    out[name] = full.detach().to("cpu", torch.float32).clone()
+                    out[name] = full.detach().to("cpu").clone()
         return out
 
     def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -21,12 +21,15 @@ from omni_ray.config import Config, dump_config
 from omni_ray.freeze import FreezePlan
 
 MANIFEST = "manifest.json"
-WEIGHTS = "trainable.safetensors"
+WEIGHTS = "weights.safetensors"  # trainable tensors only, or all (manifest says which)
 
 
 def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int) -> str | None:
     """Gather trainable tensors (collective), write them on rank 0; returns the directory there."""
-    tensors = strategy.gather_trainable(rank)
+    trainable_only = cfg.checkpoint.trainable_only
+    if trainable_only is None:  # default: save what trains when anything is frozen
+        trainable_only = bool(plan.frozen_names)
+    tensors = strategy.gather(rank, trainable_only)
     if rank != 0:
         return None
     from safetensors.torch import save_file
@@ -42,7 +45,8 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int) -> str |
         "base_model": cfg.model.path,
         "files": {WEIGHTS: digest},
         "tensors": sorted(tensors),
-        "trainable_numel": sum(t.numel() for t in tensors.values()),
+        "trainable_only": trainable_only,
+        "numel": sum(t.numel() for t in tensors.values()),
     }
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))

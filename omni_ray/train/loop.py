@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -142,12 +141,13 @@ def run(cfg: Config, session, num_rows: int) -> dict:
             rows = audit(strategy.unwrapped(), plan, strategy.optimizer_params, strategy.optimizer_state())
             if rank == 0:
                 print(format_audit(rows), flush=True)
+            audit_summary = {r.group: {"planned": r.planned_trainable, "trainable": r.trainable} for r in rows}
             audited = True
         strategy.zero_grad()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
             reasons = sorted(set(rejected) | {"_"})
-            totals = _all_reduce([loss_sum, global_tokens / world * 0 + local_tokens, window_samples,
+            totals = _all_reduce([loss_sum, local_tokens, window_samples,
                                   window_tokens, seen] + [rejected[r] for r in reasons])
             elapsed = time.perf_counter() - window_start
             last = {
@@ -157,7 +157,13 @@ def run(cfg: Config, session, num_rows: int) -> dict:
                 "skipped_steps": stats.get("skipped_total", int(stats.get("skipped", False))),
                 "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
                 "rejected": {r: int(v) for r, v in zip(reasons, totals[5:]) if v and r != "_"},
+                "audit": audit_summary,
             }
+            if rank == 0:
+                print(f"[omni-ray] step {step}/{total_steps} epoch {epoch} loss {last['loss']:.4f} "
+                      f"lr {last['lr']:.2e} grad_norm {last['grad_norm']:.3f} "
+                      f"{last['samples_per_s']:.1f} samples/s {last['tokens_per_s']:.0f} tokens/s"
+                      + (f" rejected {last['rejected']}" if last["rejected"] else ""), flush=True)
             bad = sum(last["rejected"].values()) / max(totals[4], 1.0)
             if bad > cfg.data.max_bad_fraction:
                 raise RuntimeError(
@@ -169,14 +175,12 @@ def run(cfg: Config, session, num_rows: int) -> dict:
             if checkpoint_due or step == total_steps:
                 last["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
                 path = ckpt.save(strategy, plan, cfg, step, rank)
-                session.report(last, checkpoint_dir=path)
+                # The last one uploads synchronously so the run ends with it in storage.
+                session.report(last, checkpoint_dir=path,
+                               async_upload=cfg.checkpoint.async_upload and step != total_steps)
             else:
                 session.report(last)
     return last
 
 
 __all__ = ["run", "train_loop_per_worker", "token_loss_sum"]
-
-
-def _unused(np_=np):  # keep numpy imported for batch_format="numpy" users reading this module
-    return np_

@@ -51,7 +51,7 @@ class LocalSession:
     def dataset_shard(self, name: str):
         return self.datasets[name]
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, async_upload: bool = False) -> None:
         self.reports.append({**metrics, "checkpoint": checkpoint_dir})
         print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)
 
@@ -79,11 +79,15 @@ class RaySession:
 
         return ray.train.get_dataset_shard(name)
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, async_upload: bool = False) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # ASYNC: the upload to storage runs in the background and training goes on; the local
+        # directory is deleted once it is uploaded (each checkpoint has its own directory).
+        mode = ray.train.CheckpointUploadMode.ASYNC if async_upload and checkpoint else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=bool(checkpoint))
 
     def latest_checkpoint(self) -> str | None:
         import ray.train

@@ -1,0 +1,220 @@
+"""Decode image bytes into RGB safely, or say exactly why not.
+
+Vision encoders want 8-bit RGB. Real datasets hold CMYK JPEGs, palette PNGs with a
+transparent colour, 16-bit scans, images with alpha, cut-off downloads, HTML error pages
+saved as ``.jpg`` and the odd decompression bomb. A bare ``Image.open(p).convert("RGB")``
+turns some of these into wrong pixels (alpha dropped onto black, 16-bit values clipped to
+white) and the rest into exceptions that, in other trainers, crash a run hours in or make
+the sample silently disappear.
+
+:func:`decode_image` converts what can be converted soundly and raises
+:class:`~omni_ray.data.errors.DataError` with a precise reason otherwise:
+
+================  ==============================================================
+source mode       result
+================  ==============================================================
+RGB               unchanged
+L, 1              grey copied to R, G and B
+CMYK, YCbCr       PIL's colour conversion (no ICC colour management)
+P without alpha   palette looked up
+P/PA with alpha   palette looked up to RGBA, then composited on white
+LA, RGBA, La,     composited on white: transparent pixels become white, the usual
+RGBa              background a transparent image is shown on, not black
+I;16 (and B/L/N)  16-bit values scaled to 8 bits (``v / 257``, rounded)
+I (32-bit int)    as I;16 when every value is in 0..65535 (how PIL opens many 16-bit
+                  TIFF/PNG files); otherwise ``unsupported_image_mode``
+F (32-bit float)  ``unsupported_image_mode``: floats (depth maps, HDR) have no canonical
+                  range, so any scaling would invent contrast; convert them upstream
+anything else     ``unsupported_image_mode`` unless PIL converts it to RGB directly
+================  ==============================================================
+
+Multi-frame files (GIF, APNG, TIFF stacks) contribute their first frame. EXIF orientation
+is not applied, matching Hugging Face image processors, so training sees what inference
+sees. ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set: a cut-off file is rejected, not
+padded with grey.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from omni_ray import storage as _storage
+from omni_ray.data.errors import DataError
+from omni_ray.storage import StorageConfig
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DecodedImage",
+    "decode_image",
+    "decode_image_info",
+    "encode_png",
+    "load_image",
+]
+
+#: Same default as PIL's ``Image.MAX_IMAGE_PIXELS`` (about 9458 x 9458).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"LA", "RGBA", "La", "RGBa", "PA"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image plus what it was before, so callers know whether bytes changed."""
+
+    image: Image.Image
+    source_format: Optional[str]  # "JPEG", "PNG", ... as PIL identified it
+    source_mode: str  # PIL mode before conversion
+    #: True when a plain ``Image.open(data).convert("RGB")`` would NOT give these pixels
+    #: (alpha composited on white, 16-bit scaled). Only such images need re-encoding
+    #: before a reader that knows nothing of these rules sees them; L, CMYK, ... do not.
+    converted: bool
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` into a loaded RGB :class:`PIL.Image.Image`; see the module table.
+
+    Raises :class:`DataError` with reason ``zero_size_image``, ``corrupt_image``,
+    ``truncated_image``, ``decompression_bomb`` or ``unsupported_image_mode``.
+    """
+    return decode_image_info(data, max_pixels=max_pixels).image
+
+
+def decode_image_info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Like :func:`decode_image`, also returning the source format/mode and whether the
+    pixels were converted (the data preparation step re-encodes only those).
+
+    The pixel limit is checked from the header, before any pixel is decoded. PIL's own
+    guard still applies on top: above twice ``Image.MAX_IMAGE_PIXELS`` it refuses to open
+    the file, which is also reported as ``decompression_bomb``; its warning between one and
+    two times the limit is silenced here because ``max_pixels`` decides.
+    """
+    if not data:
+        raise DataError("zero_size_image", "the image file is empty (0 bytes)")
+    im = _open(data)
+    width, height = im.size
+    if width == 0 or height == 0:
+        raise DataError("zero_size_image", f"image is {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise DataError(
+            "decompression_bomb",
+            f"image is {width}x{height} = {width * height} pixels, above max_pixels="
+            f"{max_pixels}; downscale it or raise the limit",
+        )
+    _load(im)
+    source_format, source_mode = im.format, im.mode
+    rgb, converted = _to_rgb(im)
+    return DecodedImage(rgb, source_format, source_mode, converted)
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DataError("decompression_bomb", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise DataError(
+            "corrupt_image",
+            f"not a known image format ({len(data)} bytes starting {data[:8]!r})",
+        ) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _load_error(e) from e
+
+
+def _load(im: Image.Image) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except Image.DecompressionBombError as e:
+        raise DataError("decompression_bomb", str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise _load_error(e) from e
+
+
+def _load_error(e: BaseException) -> DataError:
+    message = str(e) or type(e).__name__
+    if isinstance(e, EOFError) or "truncated" in message.lower():
+        return DataError("truncated_image", f"image data ends early: {message}")
+    return DataError("corrupt_image", f"image data cannot be decoded: {message}")
+
+
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, bool]:
+    """Convert a loaded image to RGB by the rules in the module docstring.
+
+    Returns the image and whether it differs from PIL's plain ``convert("RGB")``.
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return im, False
+    if mode in ("L", "1", "CMYK", "YCbCr"):
+        return im.convert("RGB"), False
+    if mode == "P":
+        if "transparency" in im.info:
+            return _on_white(im.convert("RGBA")), True
+        return im.convert("RGB"), False
+    if mode in _ALPHA_MODES:
+        return _on_white(im.convert("RGBA")), True
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(im)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(
+                "unsupported_image_mode",
+                f"32-bit integer image with values {values.min()}..{values.max()} outside "
+                "0..65535; scale it to 8 or 16 bits upstream",
+            )
+        grey = np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB"), True
+    if mode == "F":
+        raise DataError(
+            "unsupported_image_mode",
+            "32-bit float image (mode F): no canonical range to map to 8 bits; convert it "
+            "to an 8-bit image upstream",
+        )
+    try:
+        return im.convert("RGB"), True
+    except (ValueError, OSError) as e:
+        raise DataError(
+            "unsupported_image_mode",
+            f"PIL mode {mode!r} cannot be converted to RGB ({e}); convert it upstream",
+        ) from e
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Lossless PNG bytes of ``image`` (used for images that had to be converted)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_image(ref: str, storage: Optional[StorageConfig] = None) -> bytes:
+    """The raw bytes of the image at ``ref`` (local path or ``s3://`` URI).
+
+    A file or object that does not exist (or is a directory) raises
+    ``DataError("missing_image")``. Other I/O errors (network, permissions) propagate:
+    they are infrastructure failures to retry, not properties of the sample.
+    """
+    try:
+        return _storage.read_bytes(ref, storage)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise DataError("missing_image", f"no image at {ref}") from e
+    except OSError as e:
+        # pyarrow reports "is a directory" / "not a regular file" as plain OSError.
+        text = str(e)
+        if "is a directory" in text or "Not a regular file" in text:
+            raise DataError("missing_image", f"{ref} is a directory, not an image") from e
+        raise
