@@ -141,6 +141,9 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Stop when more than this fraction of samples is rejected."
     )
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="Images with more pixels are rejected as decompression_bomb (PIL's default)."
+    )
     shuffle: bool = True
     num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
 

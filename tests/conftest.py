@@ -34,6 +34,9 @@ from typing import Optional
 
 import pytest
 
+# Models fetched from S3 are cached per node; tests get a fresh cache (Ray workers inherit it).
+os.environ.setdefault("OMNI_RAY_CACHE", tempfile.mkdtemp(prefix="omni_ray_cache_"))
+
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

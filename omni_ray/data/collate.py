@@ -22,8 +22,8 @@ PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_t
 def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
             keep_alive: dict | None = None, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
     samples = list(samples)
-    has_images = any(int(s.get("num_images", 0)) > 0 for s in samples)
-    if not has_images and keep_alive is not None:
+    needs_keep_alive = keep_alive is not None and not any(int(s.get("num_images", 0)) > 0 for s in samples)
+    if needs_keep_alive:
         samples.append({**keep_alive, "labels": np.full_like(keep_alive["input_ids"], IGNORE_INDEX)})
     length = max(len(s["input_ids"]) for s in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
@@ -41,4 +41,5 @@ def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int
         if parts:
             batch[key] = torch.from_numpy(np.concatenate(parts, axis=dim))
     batch["num_label_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+    batch["keep_alive"] = torch.tensor(int(needs_keep_alive))
     return batch

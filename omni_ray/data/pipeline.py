@@ -28,13 +28,15 @@ OUTPUT_COLUMNS = ("id", "sample", "reason", "detail", "num_tokens", "num_images"
 class Preprocess:
     """Ray Data callable class: one processor per actor, rows in, processed rows out."""
 
-    def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int):
+    def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int,
+                 max_image_pixels: int = 89_478_485):
         from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
 
         spec = resolve_spec(model, read_hf_config(model, storage))
         processor = load_processor(model, local_model_dir(model, storage))
         self.sample_processor = SampleProcessor(processor, model_max_length, spec.image_inputs)
         self.storage = storage
+        self.max_image_pixels = max_image_pixels
 
     def process_row(self, row: dict) -> dict:
         out = {"id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
@@ -46,7 +48,7 @@ class Preprocess:
             blobs = row.get("images")
             if blobs is None:
                 blobs = [load_image(ref, self.storage) for ref in row.get("image_refs") or []]
-            images = [decode_image(bytes(b)) for b in blobs]
+            images = [decode_image(bytes(b), max_pixels=self.max_image_pixels) for b in blobs]
             arrays = self.sample_processor(messages, images)
         except DataError as err:
             return {**out, "reason": err.reason, "detail": err.detail}
@@ -108,7 +110,7 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images"])
     return ds.map_batches(
         Preprocess,
-        fn_constructor_args=(model, storage, data.model_max_length),
+        fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels),
         batch_size=16,
         concurrency=concurrency,
         num_cpus=data.num_cpus_per_preprocess_task,

@@ -4,7 +4,7 @@
     omni-ray validate CONFIG [--set k=v ...]        config + freeze plan on a meta skeleton, no GPU
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
-    omni-ray data check PREFIX --config CONFIG      run the real preprocessing, report rejects
+    omni-ray data check PREFIX --config CONFIG     run the real preprocessing, report rejects
 
 The same command is a Ray job driver on a cluster: ``ray job submit -- omni-ray train CFG``.
 Exit codes: 0 success, 1 the run failed, 2 bad config or input.
@@ -17,10 +17,10 @@ import json
 import os
 import sys
 
-from omni_ray.config import ConfigError, load_config
+from omni_ray.config import Config, ConfigError, load_config
 
 
-def _config(args) -> "Config":  # noqa: F821
+def _config(args) -> Config:
     return load_config(args.config, args.set)
 
 
@@ -67,7 +67,8 @@ def cmd_data_prepare(args) -> int:
     from omni_ray.storage import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    manifest = prepare(args.src, args.out, storage=storage, rows_per_shard=args.rows_per_shard)
+    manifest = prepare(args.src, args.out, storage=storage, rows_per_shard=args.rows_per_shard,
+                       max_pixels=args.max_pixels)
     print(json.dumps(manifest["counts"]))
     return 0
 
@@ -106,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("src")
     prep.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
     prep.add_argument("--rows-per-shard", type=int, default=512)
+    prep.add_argument("--max-pixels", type=int, default=89_478_485,
+                      help="reject larger images as decompression_bomb (default: PIL's limit)")
     prep.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                       help="S3-compatible endpoint (MinIO, moto); default $AWS_ENDPOINT_URL")
     prep.set_defaults(fn=cmd_data_prepare)
     chk = data.add_parser("check", help="run the model's preprocessing over prepared shards and report")
-    chk.add_argument("prefix")
-    with_config(chk).set_defaults(fn=cmd_data_check)
+    chk.add_argument("prefix", help="prepared shard prefix (local or s3://) or a JSON/JSONL file")
+    chk.add_argument("--config", required=True, help="the training config (model, data.model_max_length, ...)")
+    chk.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    chk.set_defaults(fn=cmd_data_check)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omni_ray.config import Config, ConfigError
 from omni_ray.freeze import FreezePlan, plan_freeze
-from omni_ray.models.loading import build_skeleton, read_hf_config, resolve_spec
+from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
 
 
@@ -28,9 +28,14 @@ def validate(cfg: Config) -> Validated:
     """Everything that can be checked without weights: spec, skeleton on meta, freeze plan."""
     hf_config = read_hf_config(cfg.model, cfg.storage)
     spec = resolve_spec(cfg.model, hf_config)
-    skeleton = build_skeleton(cfg.model, spec, hf_config)
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in skeleton.named_parameters()), spec, cfg.freeze, cfg.lora,
-                       cfg.train.lr)
+    if spec.remote_code:
+        # The model class is the checkpoint's own code: plan from the stored tensors' names and
+        # shapes (index + safetensors headers), without running that code or fetching weights.
+        named_shapes = named_shapes_from_index(cfg.model.path, cfg.storage)
+    else:
+        skeleton = build_skeleton(cfg.model, spec, hf_config)
+        named_shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
+    plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":

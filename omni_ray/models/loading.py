@@ -49,7 +49,8 @@ def local_model_dir(model: ModelConfig, storage: StorageConfig | None = None) ->
     """The checkpoint as a local directory; s3:// prefixes are downloaded once per node."""
     if not is_remote(model.path):
         return str(Path(model.path).expanduser())
-    digest = hashlib.sha256(model.path.encode()).hexdigest()[:16]
+    endpoint = storage.endpoint_url if storage else None
+    digest = hashlib.sha256(f"{endpoint}|{model.path}".encode()).hexdigest()[:16]
     target = CACHE_DIR / "models" / digest
     download_dir(model.path, str(target), storage)
     return str(target)
@@ -73,6 +74,86 @@ def build_skeleton(model: ModelConfig, spec: ModelSpec, hf_config: dict):
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     with torch.device("meta"):
         return _auto_class(spec).from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+_MAX_HEADER = 100 << 20  # a safetensors header over 100 MiB is a corrupt file, not a checkpoint
+
+
+def _read_safetensors_header(uri: str, storage: StorageConfig | None) -> dict:
+    """The JSON header of one safetensors file, read without its tensor data.
+
+    A safetensors file starts with an 8-byte little-endian header length N, then N bytes of
+    JSON ``{name: {dtype, shape, data_offsets}, "__metadata__": {...}}``. Only those 8 + N
+    bytes are read: ranged reads (``read_at``) on S3, a seek on local disk, never the shard.
+    """
+    import struct
+
+    from omni_ray.storage import resolve
+
+    fs, path = resolve(uri, storage)
+    try:
+        f = fs.open_input_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"model.path: {uri} is listed in the checkpoint's index but does not exist") from None
+    with f:
+        head = f.read_at(8, 0)
+        if len(head) < 8:
+            raise ConfigError(f"model.path: {uri} is not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER or length > f.size() - 8:
+            raise ConfigError(f"model.path: {uri} is not a safetensors file (header length {length})")
+        raw = f.read_at(length, 8)
+    try:
+        return json.loads(bytes(raw))
+    except ValueError as err:
+        raise ConfigError(f"model.path: {uri}: safetensors header is not JSON ({err})") from None
+
+
+def named_shapes_from_index(model_path: str, storage: StorageConfig | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a checkpoint stores, from its safetensors headers only.
+
+    For checkpoints whose model class lives in the checkpoint's own Python code (remote code:
+    MiniCPM-V 2.x, MiniCPM-o), the freeze plan is made from what the checkpoint stores instead
+    of from a skeleton, so validating never downloads the weights and never runs that code.
+    Reads ``model.safetensors.index.json`` (its ``weight_map``: tensor name -> shard file) and
+    the header of each shard it names, or the single ``model.safetensors`` when there is no
+    index. Names come in the index's order (the file's order for a single file).
+
+    Caveats: tied weights saved once appear once (as they do in ``named_parameters()``), and
+    persistent buffers saved with the weights appear as tensors too.
+    """
+    from omni_ray.storage import exists, join
+
+    base = model_path.rstrip("/") if is_remote(model_path) else str(Path(model_path).expanduser())
+    index_uri = join(base, SAFETENSORS_INDEX)
+    if exists(index_uri, storage):
+        try:
+            weight_map = json.loads(read_bytes(index_uri, storage))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"model.path: {index_uri} has no valid weight_map ({err!r})") from None
+        shards = list(dict.fromkeys(weight_map.values()))
+    elif exists(join(base, SAFETENSORS_SINGLE), storage):
+        weight_map, shards = None, [SAFETENSORS_SINGLE]
+    else:
+        raise ConfigError(
+            f"model.path: {model_path!r} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}; a remote-code "
+            "checkpoint is planned from its safetensors files (convert .bin checkpoints to safetensors)"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        header = _read_safetensors_header(join(base, shard), storage)
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(int(d) for d in info["shape"])
+    if weight_map is None:
+        return list(shapes.items())
+    missing = [name for name in weight_map if name not in shapes]
+    if missing:
+        raise ConfigError(f"model.path: {len(missing)} tensor(s) in {SAFETENSORS_INDEX} are missing from their "
+                          f"shards, e.g. {missing[0]!r} in {weight_map[missing[0]]}; the upload is incomplete")
+    return [(name, shapes[name]) for name in weight_map]
 
 
 def load_model(model: ModelConfig, spec: ModelSpec, local_dir: str):

@@ -107,7 +107,7 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
 
 def build_tiny_qwen_vl(out: str | Path, model_type: str = "qwen2_5_vl", *, seed: int = 0) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: F401
+    from transformers import AutoModelForImageTextToText
     from transformers import CONFIG_MAPPING, Qwen2VLImageProcessor
 
     named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

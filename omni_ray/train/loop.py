@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from omni_ray.config import Config
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor, decode
+from omni_ray.data.errors import REASONS
 from omni_ray.freeze import apply_plan, audit, format_audit, frozen_fingerprint, param_groups, plan_freeze
 from omni_ray.models.loading import load_model, load_processor, local_model_dir, read_hf_config, resolve_spec
 from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
 
-NON_MODEL_KEYS = ("labels", "num_label_tokens")
+NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -116,6 +117,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     # --- loop ---------------------------------------------------------------------------------
     step, epoch, audited = 0, 0, False
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    keep_alive_batches = 0  # image-free batches that ran the vision path on the dummy row
     last: dict = {}
     while step < total_steps:
         window = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -133,7 +135,8 @@ def run(cfg: Config, session, num_rows: int) -> dict:
             loss = token_loss_sum(logits, labels)
             strategy.backward(loss * world / max(global_tokens, 1.0))
             loss_sum += float(loss.detach())
-            window_samples += int((batch["attention_mask"].sum(1) > 0).sum())
+            keep_alive_batches += int(batch["keep_alive"])
+            window_samples += int((batch["labels"] != IGNORE_INDEX).any(1).sum())
             window_tokens += int(batch["attention_mask"].sum())
         stats = strategy.step()
         step += 1
@@ -146,9 +149,9 @@ def run(cfg: Config, session, num_rows: int) -> dict:
         strategy.zero_grad()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
-            reasons = sorted(set(rejected) | {"_"})
-            totals = _all_reduce([loss_sum, local_tokens, window_samples,
-                                  window_tokens, seen] + [rejected[r] for r in reasons])
+            reasons = REASONS  # a fixed vector: every rank all-reduces the same shape
+            totals = _all_reduce([loss_sum, local_tokens, window_samples, window_tokens, seen, keep_alive_batches]
+                                 + [rejected[r] for r in reasons])
             elapsed = time.perf_counter() - window_start
             last = {
                 "step": step, "epoch": epoch,
@@ -156,7 +159,8 @@ def run(cfg: Config, session, num_rows: int) -> dict:
                 "lr": strategy.current_lr(), "grad_norm": stats["grad_norm"],
                 "skipped_steps": stats.get("skipped_total", int(stats.get("skipped", False))),
                 "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
-                "rejected": {r: int(v) for r, v in zip(reasons, totals[5:]) if v and r != "_"},
+                "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
+                "rejected": {r: int(v) for r, v in zip(reasons, totals[6:]) if v},
                 "audit": audit_summary,
             }
             if rank == 0:

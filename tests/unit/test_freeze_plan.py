@@ -7,7 +7,6 @@ these tests instead of silently training the wrong thing.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 import pytest

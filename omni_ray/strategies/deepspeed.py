@@ -1,0 +1,316 @@
+"""DeepSpeed ZeRO-2/3 behind the same seam as FSDP2; the DeepSpeed config is generated, never a file.
+
+What happens where:
+
+    wrap             move to the device; under bf16/fp16 cast the parameters (not the buffers) to
+                     the compute dtype, as DeepSpeed's engine would; under ZeRO-3 partition them
+                     now with ``deepspeed.zero.Init(module=...)``, so the model the loop holds is
+                     already in its training layout (the loop fingerprints the frozen weights
+                     right after ``wrap``; ``freeze.frozen_fingerprint`` reads ZeRO-3 partitions)
+    setup_optimizer  a torch AdamW over the trainable parameters only, the LR schedule, and
+                     ``deepspeed.initialize``: the engine exists from here on
+    backward/step    ``engine.backward`` / ``engine.step``; gradient norm, clipping and fp16 loss
+                     scaling are DeepSpeed's
+
+Gradient accumulation. The loop accumulates by itself: ``backward`` once per micro-batch, ``step``
+once per optimizer step, and it already divides the loss by the label tokens of the whole
+optimizer step. DeepSpeed's own accumulation counts micro-steps in ``engine.step()`` and divides
+the loss by ``gradient_accumulation_steps`` in ``engine.backward``. The generated config sets
+``gradient_accumulation_steps: 1`` (so ``engine.backward`` divides by 1, i.e. not at all) and
+``managed_gradient_accumulation: false`` (DeepSpeed >= 0.19): every ``engine.step()`` is then the
+accumulation boundary, whatever number of ``engine.backward`` calls came before it. Under ZeRO-2/3
+each backward reduces its gradients into this rank's partition, where they add up, and ``step``
+finalises and updates. With the default (managed) mode and GAS 1 every backward would be a
+boundary, and ``engine.step()`` after several backwards would be wrong for grad_accum > 1.
+
+Precision. ``train.precision`` picks DeepSpeed's ``bf16`` / ``fp16`` section (fp16 with dynamic
+loss scaling; a step whose gradients overflow is skipped and counted). Module parameters are held
+in 16 bits, the optimizer keeps fp32 master weights of the trainable ones (its partition of them),
+and gradients are reduced in fp32 (``communication_data_type``), like FSDP2's
+``reduce_dtype=float32``. Checkpoints take trainable tensors from the fp32 masters
+(``deepspeed.utils.safe_get_full_fp32_param``); frozen ones, when written at all
+(``checkpoint.trainable_only: false``), are the 16-bit values the model computed with.
+
+fp16 on CPU. DeepSpeed's CPU accelerator reports fp16 as supported when oneDNN has fp16 kernels
+for this CPU (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, AVX512-FP16 / AMX-FP16); elsewhere
+the engine cannot run fp16, and this strategy raises a ``ConfigError`` naming ``train.precision``
+before building anything. On GPUs fp16 works as usual.
+
+Offloading. ``strategy.offload_optimizer`` (ZeRO-Offload) keeps the optimizer state and step on
+the CPU, which DeepSpeed runs with its ``DeepSpeedCPUAdam`` (a C++ op). Unless DeepSpeed was
+installed with it prebuilt (``DS_BUILD_CPU_ADAM=1``), the op is compiled on first use, on GPU and
+CPU hosts alike: it needs a C++ compiler, ``ninja`` and the Python headers, and takes a minute or
+more. If it cannot be built the error says so and how to fix it. ``strategy.offload_params``
+(ZeRO-3 only) also keeps the partitioned parameters in CPU memory. On a CPU-only host offloading
+changes nothing useful (everything is in CPU memory already) but still works.
+
+The freeze audit. Under ZeRO the torch optimizer holds flat partitions, not the parameters, so
+``optimizer_state()`` returns ``{}``. The audit still proves what it must: ``optimizer_params``
+lists the parameters DeepSpeed's ZeRO optimizer actually manages (its fp16/bit16 groups, read
+back from the engine after ``initialize``), and a frozen parameter in that list is an audit
+failure; a frozen parameter with a ``.grad`` is one too. Frozen parameters are never handed to
+the optimizer (``freeze.param_groups`` skips them, and ``setup_optimizer`` checks it), so ZeRO
+allocates neither fp32 master copies, gradient partitions nor Adam state for them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omni_ray.config import ConfigError, StrategyConfig, TrainConfig
+from omni_ray.models.spec import ModelSpec
+from omni_ray.strategies.base import Strategy, make_scheduler
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# fp16 dynamic loss scaling: start at 2**16, halve on overflow (after `hysteresis` overflows),
+# double after `loss_scale_window` clean steps, never below `min_loss_scale`.
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                     "min_loss_scale": 1}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``: nested dicts merge key by key, anything else replaces (new dict)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(strategy: StrategyConfig, train: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config for these settings (pure: no process group, no DeepSpeed import)."""
+    stage = strategy.zero_stage
+    if strategy.offload_params and stage != 3:
+        raise ConfigError(f"strategy.offload_params: ZeRO-{stage} keeps full parameters on every rank and cannot "
+                          "offload them; set strategy.zero_stage: 3, or offload_params: false")
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        # Keep torch's own F.linear: DeepSpeed's memory-efficient replacement is patched into
+        # torch.nn.functional for the whole process and computes in a different order.
+        zero["memory_efficient_linear"] = False
+    if strategy.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if strategy.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    precision = train.precision
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        # The loop accumulates (see the module docstring): DeepSpeed steps on every engine.step().
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(train.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", **(FP16_LOSS_SCALING if precision == "fp16" else {})},
+        "steps_per_print": 1 << 30,  # the loop prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if precision in HALF:
+        config["communication_data_type"] = "fp32"  # reduce gradients in fp32, as FSDP2 does
+    return deep_merge(config, strategy.deepspeed_extra)
+
+
+def check_precision_supported(precision: str, device: torch.device) -> None:
+    """fp16 needs an accelerator that runs it; DeepSpeed's CPU accelerator often does not."""
+    if precision != "fp16" or device.type != "cpu":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise ConfigError("train.precision: fp16 with DeepSpeed on CPU needs fp16 oneDNN kernels, which this CPU "
+                          "lacks (DeepSpeed's CPU accelerator reports fp16 unsupported); use train.precision: bf16 "
+                          "or fp32, or train on GPUs")
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Do not compile DeepSpeed's shared-memory all-reduce op on CPU hosts.
+
+    On its CPU accelerator DeepSpeed compiles a C++ op (``deepspeed_shm_comm``) the first time
+    it sets up communication: minutes on a small machine, before the first step. The op only
+    serves ``inference_all_reduce`` (tensor-parallel inference); ZeRO training communicates
+    through torch.distributed (gloo). DeepSpeed keeps its op-compatibility table in one dict
+    that it reads when the backend is created, so marking the op incompatible skips the build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_cpu_adam(groups: list[dict], train: TrainConfig):
+    """DeepSpeed's CPU Adam (AdamW mode) for ZeRO-Offload; builds its C++ op if it is not prebuilt."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=train.lr, weight_decay=train.weight_decay, adamw_mode=True)
+    except Exception as err:  # the JIT build raises all sorts (RuntimeError, CalledProcessError, ImportError)
+        raise RuntimeError(
+            "strategy.offload_optimizer: ZeRO-Offload runs the optimizer with DeepSpeed's DeepSpeedCPUAdam, whose C++ "
+            f"op could not be built or loaded here ({type(err).__name__}: {err}). Install deepspeed with the op "
+            "prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed), or provide a C++ compiler, ninja and the Python "
+            "headers for the build on first use, or set strategy.offload_optimizer: false"
+        ) from err
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
+        self.cfg, self.train, self.device = cfg, train, torch.device(device)
+        self.ds_config = deepspeed_config(cfg, train)  # config errors before anything is built
+        check_precision_supported(train.precision, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:
+            skip_cpu_shm_comm_build()
+        self.engine = None
+        self.optimizer_params: list = []
+        self.skipped_total = 0
+
+    @property
+    def stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    @property
+    def half_dtype(self) -> torch.dtype | None:
+        if self.ds_config.get("bf16", {}).get("enabled"):
+            return torch.bfloat16
+        if self.ds_config.get("fp16", {}).get("enabled"):
+            return torch.float16
+        return None
+
+    def wrap(self, model, spec: ModelSpec):
+        """Put the model in its training layout; the engine itself is built in ``setup_optimizer``."""
+        model.to(self.device)
+        dtype = self.half_dtype
+        if dtype is not None:  # what the engine would do: parameters to 16 bits, buffers (rotary) kept
+            for param in model.parameters():
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+        if self.stage == 3:
+            import deepspeed
+
+            deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config, dtype=dtype or torch.float32)
+        self.model = model
+        return model
+
+    def setup_optimizer(self, param_groups: list[dict], total_steps: int):
+        import deepspeed
+
+        groups = [{k: v for k, v in g.items() if k not in ("names", "group")} for g in param_groups]
+        groups = [g for g in groups if g["params"]]
+        frozen = [n for g in param_groups for n, p in zip(g.get("names", []), g["params"]) if not p.requires_grad]
+        if frozen:
+            raise RuntimeError(f"parameters {frozen[:3]} are frozen but were handed to the optimizer")
+        if self.cfg.offload_optimizer:
+            optimizer = build_cpu_adam(groups, self.train)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay,
+                                          foreach=self.device.type != "cpu")
+        # The schedule drives the torch optimizer's param_groups; ZeRO's optimizer reads its lr from them.
+        self.scheduler = make_scheduler(optimizer, self.train, total_steps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config)
+        self.optimizer_params = self._managed_params(groups)
+        return self.optimizer
+
+    def _managed_params(self, groups: list[dict]) -> list:
+        """The parameters ZeRO keeps fp32 masters, gradients and optimizer state for."""
+        zero = self.engine.optimizer
+        for attr in ("fp16_groups", "bit16_groups"):  # ZeRO-3, ZeRO-1/2
+            managed = getattr(zero, attr, None)
+            if managed:
+                return [p for group in managed for p in group]
+        return [p for g in groups for p in g["params"]]
+
+    def forward(self, batch: dict):
+        dtype = self.half_dtype
+        if dtype is not None:  # floating inputs (pixel values) in the compute dtype, as FSDP2's policy does
+            batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop has normalised the loss for the whole optimizer step; GAS is 1, so no rescaling.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> dict:
+        """One optimizer step (DeepSpeed clips; fp16 overflow skips it). Returns grad_norm, skipped."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = not self.engine.was_step_applied()
+        self.skipped_total += int(skipped)
+        return {"grad_norm": norm, "skipped": skipped, "skipped_total": self.skipped_total}
+
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes gradients in step(); module .grad stays None under ZeRO-2/3
+
+    def _named_params(self):
+        return list(self.engine.module.named_parameters())
+
+    def gather(self, rank: int, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full tensors on rank 0, by name in ``engine.module``. Collective: all ranks call it.
+
+        Trainable tensors come from the optimizer's fp32 masters; frozen ones from the module
+        (under ZeRO-3 gathered with ``deepspeed.zero.GatheredParameters``).
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self._named_params():
+            if not (param.requires_grad or not trainable_only):
+                continue
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None:
+                full = self._gathered(param)
+            if rank == 0:
+                out[name] = full.detach().to("cpu").clone()
+        return out
+
+    def _gathered(self, param) -> torch.Tensor:
+        if not hasattr(param, "ds_id"):
+            return param.data
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.data.detach().clone()
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors into the trainable parameters: fp32 masters and the module's copy.
+
+        Call it after ``setup_optimizer`` (the masters exist from then on), on every rank.
+        """
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in self._named_params():
+            if name not in tensors:
+                continue
+            value = tensors[name].to(self.device)
+            if param.requires_grad:
+                safe_set_full_fp32_param(param, value.float())
+            if hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        param.data.copy_(value.to(param.dtype))
+            else:
+                param.data.copy_(value.to(param.dtype))
+
+    def optimizer_state(self) -> dict:
+        return {}  # ZeRO's state is per flat partition, not per parameter; see the module docstring
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def unwrapped(self):
+        return self.engine.module if self.engine is not None else self.model
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
