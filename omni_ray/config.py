@@ -145,6 +145,9 @@ class DataConfig(Section):
         89_478_485, ge=1, description="Images with more pixels are rejected as decompression_bomb (PIL's default)."
     )
     shuffle: bool = True
+    shuffle_buffer: int = Field(
+        256, ge=1, description="Rows in each worker's shuffle buffer; the order is a function of train.seed and the epoch."
+    )
     num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
 
 

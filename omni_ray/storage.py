@@ -80,6 +80,15 @@ class StorageConfig(BaseModel, extra="forbid"):
     )
     """S3 region; must match the bucket's region on AWS."""
 
+    max_attempts: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Attempts per S3 request, with the AWS SDK's exponential backoff between them; a "
+            "checkpoint upload that still fails stops the run with the error and leaves the "
+            "previous checkpoint as the latest."
+        ),
+    )
     anonymous: bool = Field(
         default=False,
         description="Access public buckets without credentials (no request signing).",
@@ -178,7 +187,7 @@ def s3_filesystem(storage: Optional[StorageConfig] = None) -> pafs.S3FileSystem:
     creds: tuple[Optional[str], ...] = (None, None, None)
     if not storage.anonymous:
         creds = tuple(os.environ.get(name) or None for name in CREDENTIAL_ENV_VARS)
-    return _s3_filesystem(storage.endpoint_url, storage.region, storage.anonymous, *creds)
+    return _s3_filesystem(storage.endpoint_url, storage.region, storage.anonymous, storage.max_attempts, *creds)
 
 
 @functools.lru_cache(maxsize=16)
@@ -186,11 +195,12 @@ def _s3_filesystem(
     endpoint_url: Optional[str],
     region: str,
     anonymous: bool,
+    max_attempts: int,
     key: Optional[str],
     secret: Optional[str],
     token: Optional[str],
 ) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region}
+    kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
     if endpoint_url:
         parts = urlsplit(endpoint_url)
         kwargs["endpoint_override"] = parts.netloc

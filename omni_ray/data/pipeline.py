@@ -97,8 +97,12 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
 
     from omni_ray import storage as st
 
+    context = ray.data.DataContext.get_current()
     # Training prints its own progress line per report; Ray Data's bars would interleave with it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context.enable_progress_bars = False
+    # A deterministic order per worker: runs are reproducible, and a resumed run skips exactly
+    # the rows the interrupted one trained on (see train.loop.epoch_batches).
+    context.execution_options.preserve_order = True
     if source.endswith((".json", ".jsonl")):
         ds = ray.data.from_items(json_rows(source, storage))
     else:

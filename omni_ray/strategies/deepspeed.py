@@ -158,6 +158,13 @@ def build_cpu_adam(groups: list[dict], train: TrainConfig):
         ) from err
 
 
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _plain_attrs(obj) -> dict:
+    return {k: v for k, v in vars(obj).items() if isinstance(v, (bool, int, float))}
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -204,6 +211,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         groups = [{k: v for k, v in g.items() if k not in ("names", "group")} for g in param_groups]
+        self._group_names = [list(g.get("names", [])) for g in param_groups if g["params"]]
         groups = [g for g in groups if g["params"]]
         frozen = [n for g in param_groups for n, p in zip(g.get("names", []), g["params"]) if not p.requires_grad]
         if frozen:
@@ -215,6 +223,7 @@ class DeepSpeedStrategy(Strategy):
                                           foreach=self.device.type != "cpu")
         # The schedule drives the torch optimizer's param_groups; ZeRO's optimizer reads its lr from them.
         self.scheduler = make_scheduler(optimizer, self.train, total_steps)
+        self.torch_optimizer = optimizer  # ZeRO steps it on flat fp32 partitions, one per group
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config)
         self.optimizer_params = self._managed_params(groups)
@@ -301,6 +310,87 @@ class DeepSpeedStrategy(Strategy):
                         param.data.copy_(value.to(param.dtype))
             else:
                 param.data.copy_(value.to(param.dtype))
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions: the tensors the torch optimizer steps and keeps state for."""
+        zero = self.engine.optimizer
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+            flats = getattr(zero, attr, None)
+            if flats:
+                return list(flats)
+        raise RuntimeError(f"{type(zero).__name__}: no flat fp32 partitions found; is ZeRO enabled?")
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create the (zero) Adam state of every flat partition if no step has run yet: torch's
+        Adam creates it lazily, and DeepSpeed's per-parameter state accessors need it."""
+        state = self.torch_optimizer.state
+        for flat in self._flat_partitions():
+            if not state.get(flat):
+                step = 0 if self.cfg.offload_optimizer else torch.tensor(0.0)  # DeepSpeedCPUAdam counts in int
+                state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2: map each parameter's fragment of the state (once)
+            link()
+
+    def _adam_step(self) -> float:
+        steps = [float(s["step"]) for s in self.torch_optimizer.state.values() if "step" in s]
+        return max(steps, default=0.0)
+
+    def save_state(self, rank: int) -> dict | None:
+        """Optimizer state by parameter name, full fp32 tensors (loads onto any world size, and has the
+        layout of FSDP2's full optimizer state dict), scheduler, fp16 loss scaler. Collective."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._ensure_optimizer_state()
+        step = torch.tensor(self._adam_step())
+        per_param = {}
+        for name, param in self._named_params():
+            if not param.requires_grad:
+                continue
+            entry = {"step": step.clone()}
+            for key in ADAM_STATE:
+                value = safe_get_full_optimizer_state(param, key)  # collective
+                if rank == 0:
+                    entry[key] = value.detach().to("cpu").clone()
+            per_param[name] = entry
+        if rank != 0:
+            return None
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                  for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.half_dtype == torch.float16 else None
+        return {"optimizer": {"state": per_param, "param_groups": groups},
+                "scheduler": self.scheduler.state_dict(),
+                "ds_loss_scaler": _plain_attrs(scaler) if scaler is not None else None,
+                "skipped_total": self.skipped_total}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``save_state`` wrote (or FSDP2's full optimizer state). Every rank, after
+        ``setup_optimizer``; local (each rank copies its partitions out of the full tensors)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._ensure_optimizer_state()
+        saved = state["optimizer"]["state"]
+        missing = [n for n, p in self._named_params() if p.requires_grad and n not in saved]
+        if missing:
+            raise ValueError(f"the checkpoint's optimizer state has no entry for trained parameters {missing[:3]}; "
+                             "was it written with another freeze map?")
+        for name, param in self._named_params():
+            if param.requires_grad:
+                for key in ADAM_STATE:
+                    safe_set_full_optimizer_state(param, saved[name][key].to(self.device, torch.float32), key)
+        step = max((float(e["step"]) for e in saved.values()), default=0.0)
+        for flat_state in self.torch_optimizer.state.values():
+            old = flat_state["step"]
+            flat_state["step"] = int(step) if isinstance(old, int) else torch.tensor(step, dtype=old.dtype)
+        self.scheduler.load_state_dict(state["scheduler"])
+        # LambdaLR.load_state_dict restores its counters, not the groups' lr: set the lr of the next step.
+        for group, lr in zip(self.torch_optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if scaler is not None and state.get("ds_loss_scaler"):
+            for key, value in state["ds_loss_scaler"].items():
+                setattr(scaler, key, value)
+        self.skipped_total = int(state.get("skipped_total", 0))
 
     def optimizer_state(self) -> dict:
         return {}  # ZeRO's state is per flat partition, not per parameter; see the module docstring

@@ -105,6 +105,25 @@ class FSDPStrategy(Strategy):
                 else:
                     param.data.copy_(value)
 
+    def save_state(self, rank: int) -> dict | None:
+        """Optimizer (full, keyed by parameter name: loads onto any world size) and scheduler. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None}
+        return state if rank == 0 else None
+
+    def load_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
     def optimizer_state(self) -> dict:
         return self.optimizer.state
 

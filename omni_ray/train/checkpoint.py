@@ -21,32 +21,58 @@ from omni_ray.config import Config, dump_config
 from omni_ray.freeze import FreezePlan
 
 MANIFEST = "manifest.json"
+STATE = "train_state.pt"
 WEIGHTS = "weights.safetensors"  # trainable tensors only, or all (manifest says which)
 
 
-def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int) -> str | None:
-    """Gather trainable tensors (collective), write them on rank 0; returns the directory there."""
+def base_fingerprint(local_dir: str | Path) -> str:
+    """Identify the base checkpoint cheaply: config.json plus every weight file's safetensors header.
+
+    Headers list each tensor's name, dtype, shape and byte offsets, so another checkpoint (or a
+    different revision of one) gives another fingerprint without hashing gigabytes of weights.
+    """
+    digest = hashlib.sha256()
+    root = Path(local_dir)
+    digest.update((root / "config.json").read_bytes())
+    for weights in sorted(root.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            digest.update(weights.name.encode() + f.read(size))
+    return digest.hexdigest()
+
+
+def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_state: dict,
+         base_dir: str | Path) -> str | None:
+    """Gather (collective) and write one checkpoint on rank 0; returns its directory there.
+
+    Holds the trained tensors (or all, see checkpoint.trainable_only), the optimizer and
+    scheduler state, RNG, the data position (epoch + ids already trained this epoch), the
+    config and the base model's location and fingerprint. The manifest is written last.
+    """
     trainable_only = cfg.checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
     tensors = strategy.gather(rank, trainable_only)
+    engine_state = strategy.save_state(rank)
     if rank != 0:
         return None
     from safetensors.torch import save_file
 
     path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS))
+    torch.save({**train_state, "step": step, "engine": engine_state}, path / STATE)
     (path / "config.yaml").write_text(dump_config(cfg))
-    digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()
     manifest = {
-        "format": "omni_ray.trainable/1",
+        "format": "omni_ray.checkpoint/1",
         "step": step,
+        "epoch": train_state["epoch"],
         "created_at": time.time(),
         "base_model": cfg.model.path,
-        "files": {WEIGHTS: digest},
-        "tensors": sorted(tensors),
+        "base_fingerprint": base_fingerprint(base_dir),
         "trainable_only": trainable_only,
+        "tensors": sorted(tensors),
         "numel": sum(t.numel() for t in tensors.values()),
+        "files": {name: _sha256(path / name) for name in (WEIGHTS, STATE)},
     }
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -54,22 +80,45 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int) -> str |
     return str(path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_manifest(path: str | Path) -> dict:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used")
-    return json.loads(manifest.read_text())
+    manifest = json.loads(manifest.read_text())
+    for name, digest in manifest["files"].items():
+        if _sha256(Path(path) / name) != digest:
+            raise ValueError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is damaged")
+    return manifest
 
 
 def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    read_manifest(path)
+    return load_file(str(Path(path) / WEIGHTS))
+
+
+def load(path: str | Path, base_dir: str | Path) -> dict:
+    """Everything a resumed run needs; refuses a checkpoint made on another base model."""
     manifest = read_manifest(path)
-    weights = Path(path) / WEIGHTS
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if digest != manifest["files"][WEIGHTS]:
-        raise ValueError(f"{weights}: checksum does not match the manifest; the checkpoint is damaged")
-    return load_file(str(weights))
+    if manifest["base_fingerprint"] != base_fingerprint(base_dir):
+        raise ValueError(
+            f"{path} was trained from base model {manifest['base_model']} with another content fingerprint; "
+            "resume with the same model.path, or start a new run (another run.name)"
+        )
+    from safetensors.torch import load_file
+
+    state = torch.load(Path(path) / STATE, weights_only=False)
+    return {"tensors": load_file(str(Path(path) / WEIGHTS)), "train_state": state["engine"], "step": state["step"],
+            "epoch": state["epoch"], "consumed_ids": state["consumed_ids"], "rng": state["rng"]}
 
 
 def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):

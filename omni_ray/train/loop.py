@@ -82,7 +82,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
 
     # world_size workers each take micro_batch_size samples grad_accum times per optimizer step.
     samples_per_step = world * cfg.train.micro_batch_size * cfg.train.grad_accum
-    steps_per_epoch = max(1, num_rows // samples_per_step)
+    steps_per_epoch = max(1, -(-num_rows // samples_per_step))  # the last step of an epoch may be short
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     strategy.setup_optimizer(param_groups(model, plan, cfg.train.weight_decay), total_steps)
 
@@ -91,42 +91,93 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     keep_alive = keep_alive_sample(processor, sample_processor)
     pad_id = sample_processor.tokenizer.pad_token_id or 0
 
+    # --- resume -------------------------------------------------------------------------------
+    # Ray Train hands back the latest checkpoint it registered (after a lost worker, or when the
+    # same command runs again with the same run name); a checkpoint without a complete manifest
+    # is never registered, and ckpt.load checks the weights against it.
+    step, epoch, consumed = 0, 0, set()
+    resumed = session.latest_checkpoint()
+    resumed_step = None
+    if resumed:
+        state = ckpt.load(resumed, local_dir)
+        strategy.load_trainable(state["tensors"])
+        strategy.load_state(state["train_state"])
+        step, epoch, consumed = state["step"], state["epoch"], set(state["consumed_ids"])
+        resumed_step = step
+        torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[omni-ray] resumed from {resumed}: step {step}, epoch {epoch}, "
+                  f"{len(consumed)} samples of this epoch already trained", flush=True)
+
     # --- data ---------------------------------------------------------------------------------
     shard = session.dataset_shard("train")
     rejected: Counter = Counter()
     seen = 0
 
-    def micro_batches():
-        nonlocal seen
-        epoch = 0
-        while True:
-            for rows in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
-                                           prefetch_batches=2):
-                samples = []
-                for i, reason in enumerate(rows["reason"]):
-                    seen += 1
-                    if reason:
-                        rejected[str(reason)] += 1
-                    else:
-                        samples.append(decode(rows["sample"][i]))
-                yield epoch, collate(samples, spec.image_inputs, pad_id, keep_alive)
-            epoch += 1
+    def epoch_batches(epoch: int, skip: set):
+        """This rank's micro-batches for one epoch: (ids, batch); rows trained before a resume skipped.
 
-    batches = micro_batches()
+        The shuffle is a function of (seed, epoch) over this rank's stream, and skipping happens
+        after it, so a resumed run sees exactly the rows the interrupted one had not reached.
+        """
+        nonlocal seen
+        for rows in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
+                                       prefetch_batches=2, local_shuffle_buffer_size=(
+                                           cfg.data.shuffle_buffer if cfg.data.shuffle else None),
+                                       local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle else None):
+            ids, samples = [], []
+            for i, reason in enumerate(rows["reason"]):
+                sample_id = str(rows["id"][i])
+                if sample_id in skip:
+                    continue
+                ids.append(sample_id)
+                seen += 1
+                if reason:
+                    rejected[str(reason)] += 1
+                else:
+                    samples.append(decode(rows["sample"][i]))
+            if ids:
+                yield ids, collate(samples, spec.image_inputs, pad_id, keep_alive)
+
+    empty_batch = collate([], spec.image_inputs, pad_id, keep_alive)  # a rank out of data runs this
 
     # --- loop ---------------------------------------------------------------------------------
-    step, epoch, audited = 0, 0, False
+    audited = False
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     keep_alive_batches = 0  # image-free batches that ran the vision path on the dummy row
     last: dict = {}
-    while step < total_steps:
-        window = [next(batches) for _ in range(cfg.train.grad_accum)]
-        epoch = window[-1][0]
-        micro = [b for _, b in window]
+    batches = epoch_batches(epoch, consumed)
+    max_epochs = None if cfg.train.max_steps else cfg.train.epochs
+    saved_at = step if resumed else -1
+
+    def save_and_report(metrics: dict, final: bool) -> None:
+        nonlocal saved_at
+        metrics["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
+        train_state = {"epoch": epoch, "consumed_ids": _gather_ids(consumed), "rng": {"torch": torch.get_rng_state()}}
+        path = ckpt.save(strategy, plan, cfg, step, rank, train_state, local_dir)
+        # The last one uploads synchronously so the run ends with it in storage.
+        session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
+        saved_at = step
+
+    while step < total_steps and (max_epochs is None or epoch < max_epochs):
+        micro, ids = [], []
+        for _ in range(cfg.train.grad_accum):
+            item = next(batches, None)
+            if item is not None:
+                ids += item[0]
+                micro.append(item[1])
+        # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
+        # after a resume onto another world size) trains on an empty batch until all are done.
+        local_tokens = float(sum(int(b["num_label_tokens"]) for b in micro))
+        global_tokens, ranks_with_data = _all_reduce([local_tokens, float(bool(micro))])
+        if ranks_with_data == 0:  # epoch over on every rank
+            epoch, consumed = epoch + 1, set()
+            batches = epoch_batches(epoch, consumed)
+            continue
+        consumed.update(ids)
+        micro = micro or [empty_batch]
         # Normalise by the label tokens of the whole optimizer step on all ranks, so every
         # token weighs the same whatever the batch split, world size or engine.
-        local_tokens = float(sum(int(b["num_label_tokens"]) for b in micro))
-        (global_tokens,) = _all_reduce([local_tokens])
         loss_sum = 0.0
         for batch in micro:
             labels = batch["labels"]
@@ -161,7 +212,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
                 "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
                 "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
                 "rejected": {r: int(v) for r, v in zip(reasons, totals[6:]) if v},
-                "audit": audit_summary,
+                "audit": audit_summary, "resumed_from_step": resumed_step,
             }
             if rank == 0:
                 print(f"[omni-ray] step {step}/{total_steps} epoch {epoch} loss {last['loss']:.4f} "
@@ -175,16 +226,27 @@ def run(cfg: Config, session, num_rows: int) -> dict:
                     f"{cfg.data.max_bad_fraction:.1%}; run `omni-ray data check` to see which and why"
                 )
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-            checkpoint_due = (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0)
-            if checkpoint_due or step == total_steps:
-                last["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
-                path = ckpt.save(strategy, plan, cfg, step, rank)
-                # The last one uploads synchronously so the run ends with it in storage.
-                session.report(last, checkpoint_dir=path,
-                               async_upload=cfg.checkpoint.async_upload and step != total_steps)
+            # A spot node about to go: checkpoint now, so at most the steps since the last
+            # report are lost (every rank calls this equally often: it is a barrier).
+            preempted = session.preemption_notice()
+            due = bool(cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0)
+            if due or preempted or step == total_steps:
+                save_and_report(last, final=step == total_steps)
             else:
                 session.report(last)
+    if saved_at != step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
+        last = {**last, "step": step, "epoch": epoch}
+        save_and_report(last, final=True)
     return last
+
+
+def _gather_ids(ids: set) -> list[str]:
+    """The union of every rank's consumed sample ids (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return sorted(ids)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(ids))
+    return sorted(set().union(*parts))
 
 
 __all__ = ["run", "train_loop_per_worker", "token_loss_sum"]

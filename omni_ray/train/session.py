@@ -58,6 +58,9 @@ class LocalSession:
     def latest_checkpoint(self) -> str | None:
         return self.checkpoint_dir
 
+    def preemption_notice(self) -> bool:
+        return False
+
 
 class RaySession:
     def __init__(self):
@@ -88,6 +91,12 @@ class RaySession:
         mode = ray.train.CheckpointUploadMode.ASYNC if async_upload and checkpoint else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=bool(checkpoint))
+
+    def preemption_notice(self) -> bool:
+        """True on every rank once any worker's node is being reclaimed (a barrier across ranks)."""
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
 
     def latest_checkpoint(self) -> str | None:
         import ray.train
