@@ -41,10 +41,14 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from omni_ray.launch.driver import train
 
+    import ray.train
+
     cfg = _config(args)
-    result = train(cfg)
-    if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
+    try:
+        result = train(cfg)
+    except ray.train.TrainingFailedError as err:
+        # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
+        print(f"training failed: {err}", file=sys.stderr)
         return 1
     print(json.dumps({"metrics": {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)},
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,

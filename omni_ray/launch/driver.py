@@ -51,7 +51,9 @@ def ensure_ray(cfg: Config) -> None:
     env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **cfg.storage.worker_env()}
     address = os.environ.get("RAY_ADDRESS")  # set by `ray job submit` and on cluster nodes
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        # Under `ray job submit` the job's runtime env is already set, and Ray refuses to merge
+        # another one into it; workers get credentials from RunConfig.worker_runtime_env.
+        ray.init(address=address)
         return
     # A local Ray on a small machine: the training workers take one logical CPU each and the
     # preprocessing actors need room beside them, or Ray Data waits forever for a free CPU.
@@ -94,6 +96,8 @@ def train(cfg: Config):
     num_rows = count_rows(cfg.data.train, cfg)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage)
     storage_path, filesystem = storage_for_ray(cfg)
+    if filesystem is None:  # workers do not share the driver's working directory
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path})})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows},
@@ -106,7 +110,8 @@ def train(cfg: Config):
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
+                                                   max_preemption_failures=cfg.scaling.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             # Workers get S3 credentials explicitly: on a cluster they do not share the driver's env.
             worker_runtime_env={"env_vars": cfg.storage.worker_env()},

@@ -328,9 +328,12 @@ class DeepSpeedStrategy(Strategy):
             if not state.get(flat):
                 step = 0 if self.cfg.offload_optimizer else torch.tensor(0.0)  # DeepSpeedCPUAdam counts in int
                 state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:  # ZeRO-1/2: map each parameter's fragment of the state (once)
-            link()
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 maps each parameter's fragment of the Adam state once, right after the first
+            # group's first step, when later groups have no state yet; map again now that all have.
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
 
     def _adam_step(self) -> float:
         steps = [float(s["step"]) for s in self.torch_optimizer.state.values() if "step" in s]

@@ -145,3 +145,32 @@ def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):
         if trainable - set(tensors):
             raise ValueError(f"{checkpoint_dir}: holds no value for trained tensors {sorted(trainable - set(tensors))[:3]}")
     return model, spec, plan
+
+
+def find_latest(run_uri: str, storage=None) -> tuple[int, str] | None:
+    """(step, uri) of the newest checkpoint under a run directory that has a manifest.
+
+    Ray Train resumes from the checkpoints it registered; one whose upload finished but whose
+    registration did not (the endpoint failed right after, the head went away) is still whole
+    when its manifest is there, and is the better place to resume from.
+    """
+    from omni_ray import storage as st
+
+    try:
+        files = st.list_files(run_uri, storage)
+    except (FileNotFoundError, OSError):
+        return None
+    present = set(files)
+    best = None
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST and parts[0].startswith("checkpoint_"):
+            uri = st.join(run_uri, parts[0])
+            manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), storage))
+            # Uploads copy files in no fixed order: a manifest whose files did not all arrive
+            # marks an interrupted upload, not a checkpoint.
+            if not all(f"{parts[0]}/{name}" in present for name in manifest["files"]):
+                continue
+            if best is None or manifest["step"] > best[0]:
+                best = (manifest["step"], uri)
+    return best

@@ -96,7 +96,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     # same command runs again with the same run name); a checkpoint without a complete manifest
     # is never registered, and ckpt.load checks the weights against it.
     step, epoch, consumed = 0, 0, set()
-    resumed = session.latest_checkpoint()
+    resumed = _pick_checkpoint(session, cfg)
     resumed_step = None
     if resumed:
         state = ckpt.load(resumed, local_dir)
@@ -238,6 +238,32 @@ def run(cfg: Config, session, num_rows: int) -> dict:
         last = {**last, "step": step, "epoch": epoch}
         save_and_report(last, final=True)
     return last
+
+
+def _pick_checkpoint(session, cfg: Config) -> str | None:
+    """The checkpoint to resume from, as a local directory, the same on every rank.
+
+    The newer of Ray Train's latest registered checkpoint and the newest complete one in the
+    run's storage (see ckpt.find_latest): rank 0 decides, the others follow.
+    """
+    import tempfile
+
+    from omni_ray import storage as st
+
+    registered = session.latest_checkpoint()
+    choice = None
+    if session.rank == 0 and getattr(session, "run_uri", None):
+        found = ckpt.find_latest(session.run_uri(cfg), cfg.storage)
+        registered_step = ckpt.read_manifest(registered)["step"] if registered else -1
+        if found and found[0] > registered_step:
+            choice = found[1]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if choice is None:
+        return registered
+    return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), cfg.storage)
 
 
 def _gather_ids(ids: set) -> list[str]:

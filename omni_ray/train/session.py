@@ -92,6 +92,14 @@ class RaySession:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=bool(checkpoint))
 
+    @staticmethod
+    def run_uri(cfg) -> str:
+        """Where Ray Train keeps this run: storage_path/name (local path or s3://)."""
+        from omni_ray import storage as st
+
+        base = cfg.run.storage_path
+        return st.join(base if st.is_remote(base) else os.path.expanduser(base), cfg.run.name)
+
     def preemption_notice(self) -> bool:
         """True on every rank once any worker's node is being reclaimed (a barrier across ranks)."""
         import ray.train
