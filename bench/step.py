@@ -14,7 +14,7 @@ frozen, projector full, LLM LoRA), same precision, one process, side by side:
 Batch loading is outside both windows (the Trainer fetches a step's batches before
 ``on_step_begin``). Each side warms up, then the median of the timed steps is reported.
 
-    python bench/step.py [--batch 4] [--steps 20] [--warmup 3] [--precision auto|fp32|bf16]
+    python bench/step.py [--batch 4] [--steps 40] [--block 5] [--warmup 3] [--precision auto|fp32|bf16]
 
 Runs unchanged on a GPU host (cuda when available; ``auto`` precision is bf16 there, fp32 on CPU).
 """
@@ -193,7 +193,7 @@ class HFStep:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=5, help="steps per engine before switching to the other")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")

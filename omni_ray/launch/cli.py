@@ -5,6 +5,7 @@
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
     omni-ray data check PREFIX --config CONFIG     run the real preprocessing, report rejects
+    omni-ray export CHECKPOINT --out DIR [--adapter]  merged HF model dir, or a PEFT adapter
 
 The same command is a Ray job driver on a cluster: ``ray job submit -- omni-ray train CFG``.
 Exit codes: 0 success, 1 the run failed, 2 bad config or input.
@@ -86,6 +87,19 @@ def cmd_data_check(args) -> int:
     return 0 if report["bad_fraction"] <= cfg.data.max_bad_fraction else 1
 
 
+def cmd_export(args) -> int:
+    from omni_ray.export import ExportError, export
+    from omni_ray.storage import StorageConfig
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    try:
+        print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage))
+    except (ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 3 epochs)")
     demo.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 below this held-out accuracy")
     demo.set_defaults(fn=cmd_demo)
+
+    exp = sub.add_parser("export", help="checkpoint -> Hugging Face model dir (LoRA merged) or PEFT adapter")
+    exp.add_argument("checkpoint", help="a checkpoint directory (local or s3://), e.g. RUN/checkpoint_...")
+    exp.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
+    exp.add_argument("--adapter", action="store_true", help="write a PEFT adapter instead of a merged model")
+    exp.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
+    exp.set_defaults(fn=cmd_export)
 
     data = sub.add_parser("data", help="prepare and check datasets").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="JSON/JSONL (MiniCPM-V or ShareGPT format) -> Parquet shards")
