@@ -68,16 +68,9 @@ def pipeline_rate(cfg, source: str) -> tuple[float, list[dict]]:
 
 def training_rate(cfg, rows: list[dict], steps: int) -> float:
     from omni_ray.train.loop import run
-    from omni_ray.train.session import LocalSession
+    from omni_ray.train.session import ListIterator, LocalSession
 
-    class Rows:
-        def iter_batches(self, batch_size, **_):
-            while True:
-                for s in range(0, len(rows) - batch_size + 1, batch_size):
-                    chunk = rows[s : s + batch_size]
-                    yield {k: np.array([c[k] for c in chunk], dtype=object) for k in chunk[0]}
-
-    session = LocalSession(datasets={"train": Rows()})
+    session = LocalSession(datasets={"train": ListIterator(rows, repeat=True)})
     # Skip the first two steps (allocation, first-call overheads): report() times each window.
     run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps, "log_every": 2})}),
         session, num_rows=len(rows))

@@ -44,6 +44,17 @@ more. If it cannot be built the error says so and how to fix it. ``strategy.offl
 (ZeRO-3 only) also keeps the partitioned parameters in CPU memory. On a CPU-only host offloading
 changes nothing useful (everything is in CPU memory already) but still works.
 
+Checkpoints and resume. ``gather`` returns full tensors by parameter name; ``save_state`` the
+Adam moments as full fp32 tensors by parameter name, in the layout of FSDP2's full optimizer state
+dict (``{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}``), plus the LR
+schedule and the fp16 loss scaler. Neither depends on the ZeRO stage or the world size, so a run
+resumes onto another stage, world size or FSDP2 (``tests/dist/test_deepspeed_resume.py``).
+``load_trainable`` and ``load_state`` run after ``setup_optimizer``, on every rank.
+
+CPU hosts. On its CPU accelerator DeepSpeed would compile a shared-memory all-reduce op when it
+first sets up communication (minutes on a small machine); training does not use it (gloo does
+the collectives), so the strategy marks it unavailable first (``skip_cpu_shm_comm_build``).
+
 The freeze audit. Under ZeRO the torch optimizer holds flat partitions, not the parameters, so
 ``optimizer_state()`` returns ``{}``. The audit still proves what it must: ``optimizer_params``
 lists the parameters DeepSpeed's ZeRO optimizer actually manages (its fp16/bit16 groups, read

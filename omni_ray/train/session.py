@@ -15,15 +15,24 @@ import torch
 
 
 class ListIterator:
-    """A minimal stand-in for Ray's DataIterator over in-memory rows (the local session)."""
+    """A minimal stand-in for Ray's DataIterator over in-memory processed rows (the local session).
 
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
+    Yields numpy batches like ``iter_batches(batch_format="numpy")``; ``repeat`` cycles the rows
+    (benchmarks). Shuffle arguments are ignored: the rows come in the order given.
+    """
+
+    def __init__(self, rows: list[dict], repeat: bool = False):
+        self.rows, self.repeat = rows, repeat
 
     def iter_batches(self, batch_size: int, **_: Any) -> Iterator[dict]:
-        for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start : start + batch_size]
-            yield {key: [row[key] for row in chunk] for key in chunk[0]}
+        import numpy as np
+
+        while True:
+            for start in range(0, len(self.rows), batch_size):
+                chunk = self.rows[start : start + batch_size]
+                yield {key: np.array([row[key] for row in chunk], dtype=object) for key in chunk[0]}
+            if not self.repeat:
+                return
 
 
 @dataclass

@@ -6,7 +6,6 @@ adapters and the fully trained projector hold non-initial values.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,17 +16,7 @@ from omni_ray.data.pipeline import Preprocess, json_rows
 from omni_ray.launch.cli import main
 from omni_ray.train.checkpoint import restore_model
 from omni_ray.train.loop import run
-from omni_ray.train.session import LocalSession
-
-
-class Rows:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def iter_batches(self, batch_size, **_):
-        for s in range(0, len(self.rows), batch_size):
-            chunk = self.rows[s : s + batch_size]
-            yield {k: np.array([c[k] for c in chunk], dtype=object) for k in chunk[0]}
+from omni_ray.train.session import ListIterator, LocalSession
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def trained(tiny_minicpmv, color_data, tmp_path_factory):
     })
     pre = Preprocess(cfg.model, None, cfg.data.model_max_length)
     rows = [pre.process_row(r) for r in json_rows(str(train_jsonl), None)]
-    session = LocalSession(datasets={"train": Rows(rows)})
+    session = LocalSession(datasets={"train": ListIterator(rows)})
     run(cfg, session, num_rows=len(rows))
     checkpoint = [r["checkpoint"] for r in session.reports if r["checkpoint"]][-1]
     batch = collate([decode(r["sample"]) for r in rows[:4]], {"pixel_values": -1, "target_sizes": 0})
