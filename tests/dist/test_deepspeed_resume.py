@@ -46,8 +46,9 @@ def toy_model():
 
 def groups_of(model):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if n.startswith(prefix)], "names": [n for n, _ in named if n.startswith(prefix)],
-             "lr": LR, "weight_decay": wd} for prefix, wd in (("b.", 0.0), ("c.", 0.1))]
+    return [{"params": [p for n, p in named if n.startswith(prefix)],
+             "names": [n for n, _ in named if n.startswith(prefix)], "lr": LR, "weight_decay": wd}
+            for prefix, wd in (("b.", 0.0), ("c.", 0.1))]
 
 
 def make(stage: int):

@@ -136,8 +136,9 @@ def kill_a_worker_after_checkpoint(cfg, at_least_step: int = 6, timeout: float =
         except (FileNotFoundError, OSError):
             done = 0
         if done >= needed:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # Only this test's own Ray cluster: its processes descend from this process.
+            workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 workers[-1].send_signal(signal.SIGKILL)
                 return workers[-1].pid
