@@ -118,6 +118,9 @@ class LoraConfig(Section):
     )
     dora: bool = False
     rslora: bool = False
+    qlora: bool = Field(
+        False, description="Hold the frozen base in 4-bit NF4 (bitsandbytes; CUDA GPUs only) under the adapters."
+    )
     per_group: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="Rank/alpha per group, e.g. {vision: {r: 8, alpha: 16}}."
     )

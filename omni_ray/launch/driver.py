@@ -36,6 +36,9 @@ def validate(cfg: Config) -> Validated:
         skeleton = build_skeleton(cfg.model, spec, hf_config)
         named_shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
     plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
+    if cfg.lora.qlora and not cfg.scaling.use_gpu:
+        raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
+                          "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":

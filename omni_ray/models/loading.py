@@ -156,14 +156,33 @@ def named_shapes_from_index(model_path: str, storage: StorageConfig | None = Non
     return [(name, shapes[name]) for name in weight_map]
 
 
-def load_model(model: ModelConfig, spec: ModelSpec, local_dir: str):
+def qlora_config():
+    """4-bit NF4 base weights for QLoRA; stored as bf16 so FSDP2 shards them like any tensor."""
     import torch
 
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
+                          "scaling.use_gpu: true on a GPU cluster, or lora.qlora: false")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora.qlora: bitsandbytes is not installed; pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def load_model(model: ModelConfig, spec: ModelSpec, local_dir: str, *, qlora: bool = False):
+    import torch
+
+    kwargs = {"quantization_config": qlora_config()} if qlora else {}
     return _auto_class(spec).from_pretrained(
         local_dir,
         dtype=getattr(torch, model.dtype),
         attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
+        **kwargs,
     )
 
 

@@ -70,7 +70,11 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     # --- model: load, freeze map, engine ----------------------------------------------------
     local_dir = local_model_dir(cfg.model, cfg.storage)
     spec = resolve_spec(cfg.model, read_hf_config(cfg.model, cfg.storage))
-    model = load_model(cfg.model, spec, local_dir)
+    model = load_model(cfg.model, spec, local_dir, qlora=cfg.lora.qlora)
+    if cfg.lora.qlora:  # norms in fp32, input grads on, for training adapters over a 4-bit base
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
                        cfg.train.lr)
     model = apply_plan(model, plan, cfg.lora)
