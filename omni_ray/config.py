@@ -194,9 +194,11 @@ class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    max_failures: int = Field(3, ge=-1, description="Worker errors to recover from; -1: unlimited.")
+    max_failures: int = Field(
+        3, ge=-1, description="Worker failures (errors, killed processes, lost nodes) to recover from; -1: unlimited."
+    )
     max_preemption_failures: int = Field(
-        -1, ge=-1, description="Lost workers/nodes (spot reclaims, killed processes) to recover from; -1: unlimited."
+        -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
     )
 
 

@@ -170,7 +170,8 @@ def test_worker_killed_mid_run_recovers_to_the_same_weights(ray_local, s3, proxy
     assert reference.error is None
 
     cfg = make_config(s3, proxy, tiny_minicpmv, color_data, "ft-killed")
-    # A killed worker process counts as a lost worker (max_preemption_failures, unlimited by default).
+    # A killed worker process is a worker failure: scaling.max_failures lets Ray Train replace it.
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_failures": 2})})
     thread, box = run_in_thread(cfg)
     kill_a_worker_after_checkpoint(cfg)
     thread.join(timeout=600)

@@ -189,7 +189,7 @@ def test_storage_roundtrip(prefix):
 def test_download_dir_once_per_node(s3, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    src = s3.uri("models/tiny")
+    src = s3.uri("download-test/tiny")  # its own prefix: the session bucket is shared
     files = {"config.json": b"{}", "weights/part-0.bin": os.urandom(3 << 20), "tok.json": b"t"}
     for rel, data in files.items():
         st.write_bytes(st.join(src, rel), data, s3.storage)
@@ -204,11 +204,11 @@ def test_download_dir_once_per_node(s3, tmp_path):
         [".complete", ".lock", "config.json", "part-0.bin", "tok.json"]
     )
     # The marker means done: a later call does not touch storage at all.
-    s3.client().delete_object(Bucket=s3.bucket, Key="models/tiny/config.json")
+    s3.client().delete_object(Bucket=s3.bucket, Key="download-test/tiny/config.json")
     assert st.download_dir(src, cache, s3.storage) == cache
     assert Path(cache, "config.json").exists()
     with pytest.raises(FileNotFoundError, match="nothing to download under"):
-        st.download_dir(s3.uri("models/absent"), str(tmp_path / "other"), s3.storage)
+        st.download_dir(s3.uri("download-test/absent"), str(tmp_path / "other"), s3.storage)
 
 
 @pytest.mark.parametrize(
