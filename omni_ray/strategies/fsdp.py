@@ -105,12 +105,31 @@ class FSDPStrategy(Strategy):
                 else:
                     param.data.copy_(value)
 
-    def save_state(self, rank: int) -> dict | None:
+    def save_sharded(self, path: str) -> None:
+        """Every rank writes its shards of the model and optimizer (DCP; rank-unique file names)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+    def load_sharded(self, path: str) -> None:
+        """Read a DCP checkpoint into this rank's shards; DCP reshards across world sizes."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def save_state(self, rank: int, include_optimizer: bool = True) -> dict | None:
         """Optimizer (full, keyed by parameter name: loads onto any world size) and scheduler. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optim = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                                         ) if include_optimizer else None
         state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None}
         return state if rank == 0 else None
@@ -118,8 +137,9 @@ class FSDPStrategy(Strategy):
     def load_state(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if state.get("optimizer") is not None:  # a sharded checkpoint restored it with the model
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -43,27 +43,47 @@ def base_fingerprint(local_dir: str | Path) -> str:
 
 def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_state: dict,
          base_dir: str | Path) -> str | None:
-    """Gather (collective) and write one checkpoint on rank 0; returns its directory there.
+    """Write one checkpoint (collective); returns this rank's directory to report, or None.
 
-    Holds the trained tensors (or all, see checkpoint.trainable_only), the optimizer and
-    scheduler state, RNG, the data position (epoch + ids already trained this epoch), the
-    config and the base model's location and fingerprint. The manifest is written last.
+    Two layouts, one manifest:
+
+    * trainable-only (default when anything is frozen): the trained tensors gathered to rank 0
+      as safetensors, with the optimizer as a full, name-keyed state dict (loads onto any
+      world size); only rank 0 has files.
+    * sharded (everything trains, FSDP2): a torch.distributed.checkpoint (DCP) written by every
+      rank into its own directory with rank-unique file names; Ray Train uploads all of them
+      into one checkpoint directory, and DCP reshards on load, onto any number of workers.
+
+    Rank 0 adds the scheduler/RNG/data position (``train_state.pt``), the config, the base
+    model's location and fingerprint, and ``manifest.json`` with every file's checksum, last.
     """
     trainable_only = cfg.checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
-    tensors = strategy.gather(rank, trainable_only)
-    engine_state = strategy.save_state(rank)
+    sharded = not trainable_only and hasattr(strategy, "save_sharded")
+    path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_r{rank}_"))
+    if sharded:
+        strategy.save_sharded(str(path))
+        engine_state = strategy.save_state(rank, include_optimizer=False)
+        files = _gather_checksums({p.name: _sha256(p) for p in path.iterdir() if p.is_file()})
+        tensors: dict = {}
+    else:
+        tensors = strategy.gather(rank, trainable_only)
+        engine_state = strategy.save_state(rank)
+        files = {}
     if rank != 0:
-        return None
-    from safetensors.torch import save_file
+        return str(path) if sharded else None
+    if not sharded:
+        from safetensors.torch import save_file
 
-    path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_"))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS))
+        files[WEIGHTS] = _sha256(path / WEIGHTS)
     torch.save({**train_state, "step": step, "engine": engine_state}, path / STATE)
+    files[STATE] = _sha256(path / STATE)
     (path / "config.yaml").write_text(dump_config(cfg))
     manifest = {
         "format": "omni_ray.checkpoint/1",
+        "layout": "sharded" if sharded else "gathered",
         "step": step,
         "epoch": train_state["epoch"],
         "created_at": time.time(),
@@ -71,13 +91,25 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_st
         "base_fingerprint": base_fingerprint(base_dir),
         "trainable_only": trainable_only,
         "tensors": sorted(tensors),
-        "numel": sum(t.numel() for t in tensors.values()),
-        "files": {name: _sha256(path / name) for name in (WEIGHTS, STATE)},
+        "files": files,
     }
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / MANIFEST)
     return str(path)
+
+
+def _gather_checksums(local: dict[str, str]) -> dict[str, str]:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(local)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[str, str] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
 
 
 def _sha256(path: Path) -> str:
@@ -99,11 +131,23 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors by parameter name, whichever layout it has (no process group)."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if manifest.get("layout") == "sharded":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(path), f"{tmp}/full.pt")
+            return torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
     from safetensors.torch import load_file
 
-    read_manifest(path)
     return load_file(str(Path(path) / WEIGHTS))
+
+
+def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+    read_manifest(path)
+    return load_tensors(path)
 
 
 def load(path: str | Path, base_dir: str | Path) -> dict:
@@ -114,11 +158,11 @@ def load(path: str | Path, base_dir: str | Path) -> dict:
             f"{path} was trained from base model {manifest['base_model']} with another content fingerprint; "
             "resume with the same model.path, or start a new run (another run.name)"
         )
-    from safetensors.torch import load_file
-
     state = torch.load(Path(path) / STATE, weights_only=False)
-    return {"tensors": load_file(str(Path(path) / WEIGHTS)), "train_state": state["engine"], "step": state["step"],
-            "epoch": state["epoch"], "consumed_ids": state["consumed_ids"], "rng": state["rng"]}
+    sharded = manifest.get("layout") == "sharded"
+    return {"tensors": {} if sharded else load_tensors(path), "sharded_dir": str(path) if sharded else None,
+            "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
+            "consumed_ids": state["consumed_ids"], "rng": state["rng"]}
 
 
 def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):

@@ -104,7 +104,10 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     resumed_step = None
     if resumed:
         state = ckpt.load(resumed, local_dir)
-        strategy.load_trainable(state["tensors"])
+        if state["sharded_dir"]:
+            strategy.load_sharded(state["sharded_dir"])
+        else:
+            strategy.load_trainable(state["tensors"])
         strategy.load_state(state["train_state"])
         step, epoch, consumed = state["step"], state["epoch"], set(state["consumed_ids"])
         resumed_step = step

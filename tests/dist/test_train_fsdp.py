@@ -1,7 +1,9 @@
 """A 2-worker FSDP2 run on a local Ray (gloo) trains the tiny MiniCPM-V with a freeze map.
 
-The run saves a full checkpoint (trainable_only: false), so the test can compare every tensor
-with the base checkpoint: frozen ones must be bit-identical, trained ones must have moved.
+The run saves full sharded checkpoints (trainable_only: false -> DCP, every rank its own
+files), so the test can compare every tensor with the base checkpoint: frozen ones must be
+bit-identical, trained ones must have moved. The same run then continues on one worker: DCP
+reshards the model and optimizer onto the new world size.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from omni_ray.config import load_config
 from omni_ray.freeze import base_name
 from omni_ray.launch.driver import train, validate
-from omni_ray.train.checkpoint import read_manifest
+from omni_ray.train.checkpoint import load_tensors, read_manifest
 
 pytestmark = pytest.mark.dist
 
@@ -30,7 +32,7 @@ def test_fsdp_two_workers_freeze_map_holds(ray_local, tiny_minicpmv, color_data,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "precision": "bf16",
                   "log_every": 2},
-        "checkpoint": {"trainable_only": False, "async_upload": False},
+        "checkpoint": {"trainable_only": False, "async_upload": False, "every_n_steps": 2},
         "scaling": {"num_workers": 2, "max_failures": 0},
         "run": {"name": "fsdp-freeze", "storage_path": str(tmp_path / "runs")},
     })
@@ -44,9 +46,10 @@ def test_fsdp_two_workers_freeze_map_holds(ray_local, tiny_minicpmv, color_data,
         assert metrics["audit"][row["group"]] == {"planned": row["trainable"], "trainable": row["trainable"]}, row
 
     ckpt = Path(result.checkpoint.to_directory())
-    manifest = read_manifest(ckpt)
-    assert manifest["trainable_only"] is False
-    saved = load_file(str(ckpt / "weights.safetensors"))
+    manifest = read_manifest(ckpt)  # checks every rank's file against its checksum
+    assert manifest["trainable_only"] is False and manifest["layout"] == "sharded"
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(manifest["files"])  # both ranks' shards arrived
+    saved = {k: v for k, v in load_tensors(ckpt).items() if not k.endswith("_buffers")}
     base = load_file(str(Path(tiny_minicpmv) / "model.safetensors"))
     frozen_checked = trained_moved = 0
     for name, tensor in saved.items():
@@ -65,3 +68,13 @@ def test_fsdp_two_workers_freeze_map_holds(ray_local, tiny_minicpmv, color_data,
             frozen_checked += 1
     assert frozen_checked == len(plan.frozen_names)
     assert trained_moved == len(plan.full_names) + len(plan.lora_modules)
+
+    # Continue the same run on one worker: resumes at step 4 from the 2-rank DCP checkpoint.
+    one = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 1}),
+                                 "train": cfg.train.model_copy(update={"max_steps": 6})})
+    result = train(one)
+    assert result.metrics["resumed_from_step"] == 4 and result.metrics["step"] == 6
+    after = {base_name(k)[0]: v for k, v in load_tensors(Path(result.checkpoint.to_directory())).items()
+             if not base_name(k)[1]}
+    for name in plan.frozen_names:
+        assert torch.equal(after[name], base[name]), name
