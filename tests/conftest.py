@@ -150,7 +150,6 @@ class MotoS3:
 
 @pytest.fixture(scope="session")
 def s3():
-    pytest.importorskip("moto.server")
     environ = _Environ(_AWS_ENV)
     server = MotoS3()
     try:

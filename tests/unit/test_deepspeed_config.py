@@ -85,7 +85,6 @@ def test_deep_merge_does_not_alias():
 
 def test_config_is_accepted_by_deepspeed():
     """DeepSpeed's own config parser takes every generated variant (world size 1, no process group)."""
-    pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     class OneRank:  # DeepSpeedConfig asks an mpu for the data-parallel world size
@@ -108,7 +107,6 @@ def test_config_is_accepted_by_deepspeed():
 
 
 def test_fp16_on_cpu_without_kernels_names_the_key(monkeypatch):
-    pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
 
     from omni_ray.strategies import deepspeed as ds_strategy
@@ -129,7 +127,6 @@ def test_strategy_checks_config_before_building(monkeypatch):
 
 
 def test_offload_optimizer_without_cpu_adam_is_a_clear_error(monkeypatch):
-    pytest.importorskip("deepspeed")
     import deepspeed.ops.adam as adam
 
     from omni_ray.strategies.deepspeed import build_cpu_adam

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-skimage_data = pytest.importorskip("skimage.data")
+import skimage.data as skimage_data  # a test dependency: a missing one must fail, not skip
 
 from omni_ray.data.errors import DataError  # noqa: E402
 from omni_ray.data.images import decode_image, decode_image_info, load_image  # noqa: E402
