@@ -96,9 +96,9 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     pad_id = sample_processor.tokenizer.pad_token_id or 0
 
     # --- resume -------------------------------------------------------------------------------
-    # Ray Train hands back the latest checkpoint it registered (after a lost worker, or when the
-    # same command runs again with the same run name); a checkpoint without a complete manifest
-    # is never registered, and ckpt.load checks the weights against it.
+    # After a lost worker, or when the same command runs again with the same run name: the newer
+    # of Ray Train's registered checkpoint and the newest whole one in storage (_pick_checkpoint);
+    # ckpt.load checks every file against the manifest and the base model's fingerprint.
     step, epoch, consumed = 0, 0, set()
     resumed = _pick_checkpoint(session, cfg)
     resumed_step = None
