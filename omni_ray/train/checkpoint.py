@@ -61,7 +61,8 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_st
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
     sharded = not trainable_only and hasattr(strategy, "save_sharded")
-    path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_r{rank}_"))
+    if sharded or rank == 0:
+        path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_r{rank}_"))
     if sharded:
         strategy.save_sharded(str(path))
         engine_state = strategy.save_state(rank, include_optimizer=False)
