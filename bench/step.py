@@ -70,7 +70,7 @@ def build(root: Path, batch: int, precision: str, lr: float):
         image = Image.open(train_jsonl.parent / rec["image"]).convert("RGB")
         messages = [{"role": t["role"], "content": t["content"]} for t in rec["conversations"]]
         samples.append(sp(messages, [image]))
-    keep_alive = keep_alive_sample(processor, sp)
+    keep_alive = keep_alive_sample(sp)
     pad_id = sp.tokenizer.pad_token_id or 0
 
     def collate_fn(items):

@@ -19,7 +19,7 @@ import numpy as np
 from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
-from omni_ray.data.images import decode_image, load_image
+from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image, load_image
 from omni_ray.storage import StorageConfig
 
 OUTPUT_COLUMNS = ("id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
@@ -29,7 +29,7 @@ class Preprocess:
     """Ray Data callable class: one processor per actor, rows in, processed rows out."""
 
     def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int,
-                 max_image_pixels: int = 89_478_485):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
         from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
 
         spec = resolve_spec(model, read_hf_config(model, storage))

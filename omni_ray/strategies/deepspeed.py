@@ -415,6 +415,3 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped(self):
         return self.engine.module if self.engine is not None else self.model
 
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()

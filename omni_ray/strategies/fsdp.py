@@ -7,7 +7,6 @@ trainable ones are handed to the optimizer, so frozen weights get neither gradie
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from omni_ray.config import StrategyConfig, TrainConfig
 from omni_ray.models.spec import ModelSpec
@@ -153,6 +152,3 @@ class FSDPStrategy(Strategy):
     def unwrapped(self):
         return self.model
 
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()

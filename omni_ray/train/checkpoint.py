@@ -121,6 +121,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_step(path: str | Path) -> int:
+    """The step a checkpoint directory holds, without checking its files (read_manifest does)."""
+    return json.loads((Path(path) / MANIFEST).read_text())["step"]
+
+
 def read_manifest(path: str | Path) -> dict:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():

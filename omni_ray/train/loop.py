@@ -38,7 +38,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run(Config.model_validate(loop_config["config"]), RaySession(), loop_config["num_rows"])
 
 
-def keep_alive_sample(processor, sample_processor: SampleProcessor) -> dict:
+def keep_alive_sample(sample_processor: SampleProcessor) -> dict:
     """A processed one-image sample used to run the vision path in image-free batches (see collate)."""
     from PIL import Image
 
@@ -92,7 +92,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
 
     processor = load_processor(cfg.model, local_dir)
     sample_processor = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
-    keep_alive = keep_alive_sample(processor, sample_processor)
+    keep_alive = keep_alive_sample(sample_processor)
     pad_id = sample_processor.tokenizer.pad_token_id or 0
 
     # --- resume -------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def _pick_checkpoint(session, cfg: Config) -> str | None:
     choice = None
     if session.rank == 0 and getattr(session, "run_uri", None):
         found = ckpt.find_latest(session.run_uri(cfg), cfg.storage)
-        registered_step = ckpt.read_manifest(registered)["step"] if registered else -1
+        registered_step = ckpt.manifest_step(registered) if registered else -1  # ckpt.load verifies it
         if found and found[0] > registered_step:
             choice = found[1]
     if dist.is_initialized() and dist.get_world_size() > 1:
