@@ -168,6 +168,17 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate on data.eval every N optimizer steps (and at the end); none: only at the end."
+    )
+
+
+class EvalConfig(Section):
+    """Evaluation on data.eval: loss over the whole set, and greedy answers written to eval/step-N.html."""
+
+    num_samples: int = Field(4, ge=0, description="Eval prompts (the first N of data.eval) answered by the model.")
+    max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per answer (greedy decoding).")
+    batch_size: int | None = Field(None, ge=1, description="Eval samples per forward pass; default: train.micro_batch_size.")
 
 
 class StrategyConfig(Section):
@@ -207,6 +218,11 @@ class RunConfig(Section):
     storage_path: str = Field(
         "~/omni_ray_runs", description="Where runs and checkpoints live: a local path or s3://bucket/prefix."
     )
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where the driver logs metrics: TensorBoard event files in the run directory, MLflow and "
+        "W&B (optional extras, configured by their own environment variables).",
+    )
 
 
 MINICPMV_FLAGS = (
@@ -228,6 +244,7 @@ class Config(Section):
     freeze: FreezeConfig = FreezeConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     strategy: StrategyConfig = StrategyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     scaling: ScalingConfig = ScalingConfig()

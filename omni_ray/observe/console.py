@@ -1,0 +1,174 @@
+"""What a person watching the run sees: one progress display, each line once, no Ray noise.
+
+* ``Progress`` turns rank 0's reports into one tqdm bar on a terminal, or into a plain line at
+  most every ``every_s`` seconds elsewhere (CI, ``ray job logs``), where bar redraws would pile up.
+* ``quiet_worker_logs`` filters the lines Ray forwards from workers and actors to the driver:
+  Ray Train's per-report ``TrainingReport(...)`` dumps and warnings known to be harmless go, the
+  rest is printed as before (above the bar). ``--verbose`` leaves everything as Ray prints it.
+* ``ray_logging_config`` keeps Ray Train's own INFO chatter (worker group start, each report)
+  out of the console unless verbose; it still goes to Ray's session log files.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import IO, Callable
+
+logger = logging.getLogger(__name__)
+
+# Lines Ray forwards from workers/actors that say nothing a user can act on. Each has a reason.
+NOISE = [
+    # Ray Train prints every report's full metric dict from every rank ("Reporting training result").
+    r"TrainingReport\(", r"Reporting training result", r"Checkpoint successfully created at",
+    # Our own per-step lines from rank 0: the driver's progress display shows the same numbers.
+    r"\[omni-ray\] step \d+/\d+", r"\bstep \d+/\d+ epoch \d+ loss ",
+    # The placement-group cleaner polls the state API; on a busy machine a poll times out, harmlessly.
+    r"Failed to query Ray Train Controller actor state",
+    # Ray core: actors with constructor args in the object store (ray-project/ray#53727).
+    r"has constructor arguments in the object store and max_restarts > 0",
+    # Ray Data's per-execution notes (progress bars are off on purpose: training shows its own).
+    r"Starting execution of Dataset", r"Execution plan of Dataset", r"Progress bars disabled",
+    r"Dataset \S+ execution finished in", r"Registered dataset logger for dataset",
+    # Library notices with no action for the user: missing optional kernels, deprecations inside
+    # transformers / Ray, DeepSpeed choosing the CPU accelerator, weight-loading bars.
+    r"falling back to its reference PyTorch implementation", r"is_gradient_checkpointing` is deprecated",
+    r"RayDeprecationWarning", r"^\s*warnings\.warn\(", r"^\s*self\.exclude_resources = exclude_resources",
+    r"Setting accelerator to CPU", r"^Loading weights:", r"Writing model shards:",
+]
+_NOISE = re.compile("|".join(f"(?:{p})" for p in NOISE))
+
+
+def is_noise(line: str) -> bool:
+    return bool(_NOISE.search(line))
+
+
+def ray_logging_config(verbose: bool):
+    """Ray Train's LoggingConfig: its INFO lines (each report, worker-group start) only when verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")
+
+
+_installed: dict = {}
+
+
+def quiet_worker_logs(verbose: bool, write: Callable[[str, bool], None] | None = None) -> bool:
+    """Filter what Ray forwards from workers to this driver (call after ray.init). True if installed.
+
+    Uses the driver's log dispatcher (``ray._private``, no public hook exists in Ray 2.60): the
+    stock handler is wrapped, so dropping lines is all this changes. ``write(line, is_err)``
+    replaces printing (the progress bar writes above itself); default: Ray's own printing.
+    """
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # pragma: no cover - a Ray without the private module: print as Ray does
+        return False
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if "original" not in _installed:
+        _installed["original"] = dispatcher.handlers.get("ray_print_logs")
+    original = _installed["original"]
+    if original is None:  # ray.init(log_to_driver=False): nothing is forwarded
+        return False
+    if verbose:
+        dispatcher.add_handler("ray_print_logs", original)
+        return False
+
+    def handler(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        if not lines:
+            return
+        if write is None:
+            original({**data, "lines": lines})
+            return
+        prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}) "
+        for line in lines:
+            write(prefix + line, bool(data.get("is_err")))
+
+    dispatcher.add_handler("ray_print_logs", handler)
+    return True
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def status_text(report: dict) -> str:
+    """The numbers one report adds to the progress display (loss, lr, tokens/s, rejected, eval)."""
+    parts = []
+    if report.get("loss") is not None:
+        parts.append(f"loss {report['loss']:.4f}")
+    if report.get("lr") is not None:
+        parts.append(f"lr {report['lr']:.2e}")
+    if report.get("tokens_per_s") is not None:
+        parts.append(f"{report['tokens_per_s']:.0f} tok/s")
+    parts.append(f"rejected {sum((report.get('rejected') or {}).values())}")
+    if report.get("eval_loss") is not None:
+        parts.append(f"eval_loss {report['eval_loss']:.4f}")
+    return " ".join(parts)
+
+
+class Progress:
+    """The run's progress from rank 0's reports: a bar on a terminal, plain periodic lines elsewhere."""
+
+    def __init__(self, stream: IO | None = None, tty: bool | None = None, every_s: float = 30.0):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.every_s = every_s
+        self.bar = None
+        self._last_line = -float("inf")
+        self._start: tuple[float, int] | None = None  # (time, step) of the first report seen
+
+    def update(self, report: dict) -> None:
+        step, total = int(report.get("step", 0)), report.get("total_steps")
+        now = time.monotonic()
+        if self._start is None:
+            self._start = (now, step)
+        if self.tty:
+            self._update_bar(step, total, report)
+            return
+        done = total is not None and step >= total
+        if now - self._last_line >= self.every_s or done or report.get("eval_loss") is not None:
+            self._last_line = now
+            print(self.line(step, total, report, now), file=self.stream, flush=True)
+
+    def line(self, step: int, total: int | None, report: dict, now: float) -> str:
+        text = f"[omni-ray] step {step}" + (f"/{total}" if total else "") + " " + status_text(report)
+        t0, s0 = self._start or (now, step)
+        if total and step > s0:
+            text += f" ETA {_fmt_eta((now - t0) / (step - s0) * (total - step))}"
+        return text
+
+    def _update_bar(self, step: int, total: int | None, report: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step, unit="step", file=self.stream, dynamic_ncols=True,
+                            desc="train")
+        self.bar.set_postfix_str(status_text(report), refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def write(self, text: str, is_err: bool = False) -> None:
+        """Print a line without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=sys.stderr if is_err else sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def sample_progress(iterable, total: int | None, desc: str, stream: IO | None = None):
+    """Progress over samples for ``data prepare`` / ``data check``: a bar on a terminal, else nothing."""
+    from tqdm import tqdm
+
+    stream = stream or sys.stderr
+    return tqdm(iterable, total=total, desc=desc, unit="sample", file=stream, disable=not stream.isatty(),
+                mininterval=0.5)

@@ -1,0 +1,233 @@
+"""Evaluation during training: loss over the whole eval set, and what the model now answers.
+
+    evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, cfg.eval.num_samples)   # once, every rank
+    result = evaluate(forward, evalset, rank, world, device, batch_size, max_new_tokens)  # every rank
+    page = render_page(result["answers"], step)                                         # rank 0 writes it
+
+* **Loss**: each rank takes every world-th eval sample; the summed token losses and token counts
+  are all-reduced, so the result is the mean token loss over the whole set, the same number a
+  single process gets for the same weights (``omni_ray.evaluate.evaluate_checkpoint``). Every
+  rank runs the same number of forward passes (ranks short of samples run the vision keep-alive
+  batch), because under FSDP2 / ZeRO-3 each forward gathers parameters from all ranks.
+* **Answers**: every rank decodes the same first ``num_samples`` prompts greedily, and each new
+  token is rank 0's (broadcast), so all ranks make identical forward calls and the answers are a
+  function of the weights alone: two evaluations of one checkpoint give the same page.
+
+``forward(inputs) -> output with .logits`` is the engine's forward (``strategy.forward``) in a
+run, or ``lambda inputs: model(**inputs)`` in one process.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from omni_ray.config import DataConfig, ModelConfig
+from omni_ray.data.collate import collate
+from omni_ray.data.conversation import IGNORE_INDEX, decode
+from omni_ray.storage import StorageConfig
+
+NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
+
+
+@dataclass
+class Prompt:
+    """One generation prompt: model inputs up to the first answer, plus what the page shows."""
+
+    id: str
+    arrays: dict  # processed sample cut before the first answer token (images kept)
+    stop_ids: tuple[int, ...]  # end-of-answer tokens: the token after the reference answer, eos
+    question: str
+    reference: str
+    images_png: list[bytes]
+
+
+@dataclass
+class EvalSet:
+    samples: list[dict]  # processed samples (numpy arrays) for the loss
+    prompts: list[Prompt]
+    rejected: dict[str, int] = field(default_factory=dict)
+    image_inputs: dict = field(default_factory=dict)
+    pad_id: int = 0
+    keep_alive: dict | None = None
+    tokenizer: object = None
+
+    @classmethod
+    def load(cls, data: DataConfig, model: ModelConfig, storage: StorageConfig | None, num_samples: int,
+             keep_alive: dict | None = None) -> "EvalSet":
+        """Read and preprocess data.eval (same formats as data.train) in this process, in file order."""
+        from omni_ray.data.pipeline import Preprocess
+
+        pre = Preprocess(model, storage, data.model_max_length, data.max_image_pixels)
+        sp = pre.sample_processor
+        samples, prompts, rejected = [], [], {}
+        for row in read_rows(data.eval, storage):
+            out = pre.process_row(row)
+            if out["reason"]:
+                rejected[out["reason"]] = rejected.get(out["reason"], 0) + 1
+                continue
+            arrays = decode(out["sample"])
+            samples.append(arrays)
+            if len(prompts) < num_samples:
+                prompts.append(_prompt(row, arrays, sp, pre, storage))
+        return cls(samples, prompts, rejected, sp.image_inputs, sp.tokenizer.pad_token_id or 0, keep_alive,
+                   sp.tokenizer)
+
+
+def read_rows(source: str, storage: StorageConfig | None) -> list[dict]:
+    """Rows as Ray Data reads them for training: JSON/JSONL records or prepared Parquet shards."""
+    if source.endswith((".json", ".jsonl")):
+        from omni_ray.data.pipeline import json_rows
+
+        return json_rows(source, storage)
+    import pyarrow.parquet as pq
+
+    from omni_ray import storage as st
+    from omni_ray.data.prepare import read_manifest, shard_uris
+
+    rows = []
+    for uri in shard_uris(source, read_manifest(source, storage)):
+        fs, path = st.resolve(uri, storage)
+        rows += pq.read_table(path, filesystem=fs, columns=["id", "messages", "images"]).to_pylist()
+    return rows
+
+
+def _prompt(row: dict, arrays: dict, sp, pre, storage) -> Prompt:
+    from omni_ray.data.images import decode_image, encode_png, load_image
+
+    labels = arrays["labels"]
+    answer_at = np.flatnonzero(labels != IGNORE_INDEX)
+    first = int(answer_at[0])
+    # The first answer's labelled span ends with the end-of-turn token: generation stops there.
+    run_end = first + int(np.argmax(np.diff(np.append(answer_at, answer_at[-1] + 2)) > 1))
+    stop = {int(labels[run_end])} | ({sp.tokenizer.eos_token_id} if sp.tokenizer.eos_token_id is not None else set())
+    cut = {k: (v[:first] if k in ("input_ids", "labels", "mm_token_type_ids") else v) for k, v in arrays.items()}
+    messages = json.loads(row["messages"])
+    turn = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    blobs = row.get("images")
+    if blobs is None:
+        blobs = [load_image(ref, storage) for ref in row.get("image_refs") or []]
+    images = [encode_png(decode_image(bytes(b), max_pixels=pre.max_image_pixels)) for b in blobs]
+    question = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages[:turn])
+    return Prompt(str(row["id"]), cut, tuple(sorted(stop)), question, messages[turn]["content"], images)
+
+
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    """Collective: every rank calls it with the same length."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _from_rank0(token: int, device) -> int:
+    """Collective: rank 0's token, so every rank feeds the same input to the next forward."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return token
+    t = torch.tensor([token], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+@torch.no_grad()
+def eval_loss(forward, evalset: EvalSet, rank: int, world: int, device, batch_size: int) -> dict:
+    """Mean token loss over the whole eval set (collective). Returns eval_loss and eval_tokens."""
+    from omni_ray.train.loop import token_loss_sum
+
+    mine = evalset.samples[rank::world]
+    most = -(-len(evalset.samples) // world)  # samples on the fullest rank: all ranks run its batch count
+    loss_sum, tokens = 0.0, 0.0
+    for start in range(0, most, batch_size):
+        chunk = mine[start:start + batch_size]
+        if not chunk and evalset.keep_alive is None:
+            continue  # one process (no peers to keep in step)
+        batch = collate(chunk, evalset.image_inputs, evalset.pad_id, evalset.keep_alive)
+        logits = forward(_inputs(batch, device)).logits
+        loss_sum += float(token_loss_sum(logits, batch["labels"]))
+        tokens += float(batch["num_label_tokens"])
+    loss_sum, tokens = _sum_across_ranks([loss_sum, tokens])
+    return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
+
+
+@torch.no_grad()
+def generate(forward, prompt: Prompt, evalset: EvalSet, device, max_new_tokens: int) -> str:
+    """Greedy answer to one prompt (collective when distributed: rank 0's tokens are used)."""
+    arrays, new = dict(prompt.arrays), []
+    for _ in range(max_new_tokens):
+        batch = collate([arrays], evalset.image_inputs, evalset.pad_id)
+        logits = forward(_inputs(batch, device)).logits
+        token = _from_rank0(int(logits[0, -1].argmax()), device)
+        if token in prompt.stop_ids:
+            break
+        new.append(token)
+        arrays["input_ids"] = np.append(arrays["input_ids"], token)
+        arrays["labels"] = np.append(arrays["labels"], IGNORE_INDEX)
+        if "mm_token_type_ids" in arrays:
+            arrays["mm_token_type_ids"] = np.append(arrays["mm_token_type_ids"], 0)
+    return evalset.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def evaluate(forward, evalset: EvalSet, rank: int, world: int, device, batch_size: int,
+             max_new_tokens: int, modules=()) -> dict:
+    """Eval loss and answers (collective); ``modules`` are put in eval mode meanwhile (dropout off)."""
+    was_training = [(m, m.training) for m in modules]
+    for m, _ in was_training:
+        m.eval()
+    try:
+        result = eval_loss(forward, evalset, rank, world, device, batch_size)
+        result["answers"] = [
+            {"id": p.id, "question": p.question, "reference": p.reference, "images_png": p.images_png,
+             "answer": generate(forward, p, evalset, device, max_new_tokens)}
+            for p in evalset.prompts
+        ]
+    finally:
+        for m, mode in was_training:
+            m.train(mode)
+    return result
+
+
+PAGE_STYLE = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+              ".sample{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}"
+              ".sample img{max-width:320px;max-height:320px;margin-right:.5em;border:1px solid #eee}"
+              "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:.2em 0}"
+              ".label{font-weight:bold;font-size:.9em;color:#555}")
+
+
+def render_page(answers: list[dict], step: int, eval_loss: float | None = None, title: str = "") -> str:
+    """The eval page: per sample its images inline (data URIs), prompt, reference and model answer.
+
+    A function of its inputs only (no timestamps), so the same checkpoint gives the same page.
+    """
+    esc = html.escape
+    head = f"{esc(title)} step {step}" if title else f"step {step}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>eval {esc(head)}</title>"
+             f"<style>{PAGE_STYLE}</style></head><body><h1>Evaluation at {esc(head)}</h1>"]
+    if eval_loss is not None:
+        parts.append(f"<p>eval loss (whole eval set): <b>{eval_loss:.6f}</b></p>")
+    for a in answers:
+        imgs = "".join(f"<img alt='image {i}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+                       for i, png in enumerate(a["images_png"]))
+        parts.append(
+            f"<div class='sample' id='{esc(a['id'])}'><div class='label'>{esc(a['id'])}</div>{imgs}"
+            f"<div class='label'>prompt</div><pre class='prompt'>{esc(a['question'])}</pre>"
+            f"<div class='label'>reference</div><pre class='reference'>{esc(a['reference'])}</pre>"
+            f"<div class='label'>model</div><pre class='answer'>{esc(a['answer'])}</pre></div>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def page_name(step: int) -> str:
+    return f"eval/step-{step}.html"
+
+
+__all__ = ["EvalSet", "Prompt", "evaluate", "eval_loss", "generate", "render_page", "page_name", "read_rows"]

@@ -1,0 +1,195 @@
+"""The driver's view of a run: each report of rank 0 → progress, loggers, history, curves, storage.
+
+Ray Train calls ``after_report`` of a ``UserCallback`` in its controller actor, not in the driver,
+so ``ReportForwarder`` only forwards rank 0's metrics to a small inbox actor, and a thread in the
+driver drains it into ``RunWatcher.handle``. The driver then writes, under the run directory
+(``run.storage_path/run.name``, beside the checkpoints):
+
+    metrics.jsonl      one line per report: the history that curves, `omni-ray report` and a
+                       resumed run read
+    tensorboard/       event files (one per driver process; TensorBoard reads the folder)
+    curves.png         rewritten at each checkpoint and at the end
+
+On S3 they are written to a local folder and uploaded at each checkpoint and at the end.
+A resumed run reads metrics.jsonl back and drops reports of steps it has already logged (the
+steps between the checkpoint it resumed from and the failure), so every series keeps one value
+per step.
+
+    watcher = RunWatcher(run_uri, cfg.run.loggers, cfg.storage, config=cfg.model_dump(mode="json"))
+    with watcher:
+        result = TorchTrainer(..., run_config=RunConfig(callbacks=[watcher.callback()], ...)).fit()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+
+import ray.train
+
+from omni_ray import storage as st
+from omni_ray.observe.console import Progress, quiet_worker_logs
+from omni_ray.observe.curves import render_curves
+from omni_ray.observe.loggers import TB_DIR, open_loggers, scalars, trainable_counts
+
+logger = logging.getLogger(__name__)
+
+HISTORY = "metrics.jsonl"
+CURVES = "curves.png"
+# Report keys kept in metrics.jsonl beside the scalars (the audit is kept once, in the first line).
+KEPT = ("step", "total_steps", "epoch", "loss", "eval_loss", "eval_tokens", "lr", "grad_norm", "tokens_per_s",
+        "samples_per_s", "samples_seen", "skipped_steps", "memory_gb", "rejected", "eval_page", "checkpoint",
+        "resumed_from_step", "frozen_unchanged")
+
+
+class _Inbox:
+    """A tiny actor between Ray Train's controller and the driver (calls run in order)."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def put(self, item: dict) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict]:
+        items, self.items = self.items, []
+        return items
+
+
+class ReportForwarder(ray.train.UserCallback):
+    """Runs in Ray Train's controller: sends rank 0's metrics of each report to the driver."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+
+    def after_report(self, run_context, metrics, checkpoint):
+        item = dict(metrics[0]) if metrics else {}
+        item["checkpoint"] = checkpoint.path if checkpoint is not None else None
+        self.inbox.put.remote(item)  # fire and forget: the controller never waits on the driver
+
+
+class RunWatcher:
+    def __init__(self, run_uri: str, loggers: list[str], storage=None, config: dict | None = None,
+                 verbose: bool = False, progress: Progress | None = None, poll_s: float = 0.5):
+        self.run_uri, self.storage, self.verbose, self.poll_s = run_uri, storage, verbose, poll_s
+        self.remote = st.is_remote(run_uri)
+        self.local_dir = tempfile.mkdtemp(prefix="omni_ray_run_") if self.remote else run_uri
+        os.makedirs(self.local_dir, exist_ok=True)
+        self.history = self._read_history()
+        self.last_step = max((int(r["step"]) for r in self.history), default=0)
+        self.loggers = open_loggers(loggers, self.local_dir, os.path.basename(run_uri.rstrip("/")), config or {})
+        self.progress = progress or Progress()
+        self._inbox = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen_resume = None
+
+    # --- history ------------------------------------------------------------------------------
+    def _read_history(self) -> list[dict]:
+        uri = st.join(self.run_uri, HISTORY)
+        if not st.exists(uri, self.storage):
+            return []
+        text = st.read_bytes(uri, self.storage).decode()
+        if self.remote:  # the local copy grows from here and is uploaded whole
+            with open(os.path.join(self.local_dir, HISTORY), "w") as f:
+                f.write(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    # --- one report ---------------------------------------------------------------------------
+    def handle(self, report: dict) -> None:
+        step = int(report.get("step", 0))
+        if report.get("resumed_from_step") is not None and report["resumed_from_step"] != self._seen_resume:
+            self._seen_resume = report["resumed_from_step"]
+            self.progress.write(f"[omni-ray] resumed from the checkpoint at step {self._seen_resume}")
+        if step <= self.last_step:  # re-run after a resume: this step is already in every series
+            return
+        self.progress.update(report)
+        if not self.history:
+            self.loggers.log(trainable_counts(report), step)
+        self.loggers.log(scalars(report), step)
+        record = {k: report[k] for k in KEPT if k in report}
+        record["time"] = round(time.time(), 3)
+        if not self.history and report.get("audit"):
+            record["audit"] = report["audit"]
+        self.history.append(record)
+        with open(os.path.join(self.local_dir, HISTORY), "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        self.last_step = step
+        if report.get("checkpoint"):
+            self.publish()
+
+    def publish(self) -> None:
+        """Flush loggers, redraw curves.png, and upload the run's files when the run is on S3."""
+        self.loggers.flush()
+        name = os.path.basename(self.run_uri.rstrip("/"))
+        with open(os.path.join(self.local_dir, CURVES), "wb") as f:
+            f.write(render_curves(self.history, title=name))
+        if not self.remote:
+            return
+        paths = [os.path.join(self.local_dir, HISTORY), os.path.join(self.local_dir, CURVES), *self.loggers.files()]
+        for path in paths:
+            if os.path.exists(path):
+                rel = os.path.relpath(path, self.local_dir)
+                with open(path, "rb") as f:
+                    st.write_bytes(st.join(self.run_uri, *rel.split(os.sep)), f.read(), self.storage)
+
+    # --- wiring to Ray Train ------------------------------------------------------------------
+    def callback(self) -> ReportForwarder:
+        """The UserCallback for RunConfig(callbacks=[...]); starts the inbox actor (Ray must be up)."""
+        import ray
+
+        if self._inbox is None:
+            self._inbox = ray.remote(num_cpus=0)(_Inbox).remote()
+        return ReportForwarder(self._inbox)
+
+    def _drain(self) -> None:
+        import ray
+
+        for item in ray.get(self._inbox.drain.remote()):
+            try:
+                self.handle(item)
+            except Exception:  # a logger failing must not end a training run; say so loudly
+                logger.exception("could not record the report of step %s", item.get("step"))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._drain()
+
+    def __enter__(self) -> "RunWatcher":
+        quiet_worker_logs(self.verbose, write=self.progress.write)
+        if self._inbox is not None:
+            self._thread = threading.Thread(target=self._poll, name="omni-ray-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._inbox is not None:
+            self._drain()
+            ray.kill(self._inbox)
+            self._inbox = None
+        self.progress.close()
+        try:
+            self.publish()
+        finally:
+            self.loggers.close()
+        logger.info("curves: %s; TensorBoard: tensorboard --logdir %s", st.join(self.run_uri, CURVES),
+                    st.join(self.run_uri, TB_DIR))
+
+    def where(self) -> dict:
+        """Where a person finds this run's pictures and pages."""
+        pages = sorted({r["eval_page"] for r in self.history if r.get("eval_page")},
+                       key=lambda p: int(p.rsplit("-", 1)[-1].split(".")[0]))
+        return {"curves": st.join(self.run_uri, CURVES), "tensorboard": st.join(self.run_uri, TB_DIR),
+                "eval_pages": [st.join(self.run_uri, p) for p in pages], "metrics": st.join(self.run_uri, HISTORY)}
