@@ -18,11 +18,14 @@ from omni_ray.config import Config, load_config
 def demo_config(workdir: Path, num_workers: int, max_steps: int | None) -> Config:
     return load_config({
         "model": {"path": str(workdir / "model"), "dtype": "float32"},
-        "data": {"train": str(workdir / "data" / "train.jsonl"), "model_max_length": 64, "max_bad_fraction": 0.0},
+        "data": {"train": str(workdir / "data" / "train.jsonl"), "eval": str(workdir / "data" / "eval.jsonl"),
+                 "model_max_length": 64, "max_bad_fraction": 0.0},
         "freeze": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": {"projector": 1e-2}},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "train": {"epochs": 3, "max_steps": max_steps, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
-                  "precision": "fp32", "log_every": 5, "seed": 0},
+                  "precision": "fp32", "log_every": 5, "seed": 0, "eval_every": 45},
+        # Eval loss over the held-out set, and a page of what the model answers for 3 of its images.
+        "eval": {"num_samples": 3, "max_new_tokens": 6},
         "strategy": {"name": "fsdp"},
         "scaling": {"num_workers": num_workers, "max_failures": 0},
         "run": {"name": f"demo-{int(time.time())}", "storage_path": str(workdir / "runs")},
@@ -56,8 +59,21 @@ def accuracy(cfg: Config, items: list[dict], checkpoint: str | None) -> float:
     return choice_accuracy(model, sp, items, spec.image_inputs, sp.tokenizer.pad_token_id or 0)
 
 
+def eval_losses(run_dir: str) -> dict[int, float]:
+    from omni_ray.observe.report import build_report
+
+    return build_report(run_dir)["eval_losses"]
+
+
+def where(run_dir: str, metrics: dict) -> dict:
+    """Where the demo's pictures are: curves, the last eval page, the TensorBoard folder."""
+    page = metrics.get("eval_page")
+    return {"curves": str(Path(run_dir) / "curves.png"), "tensorboard": str(Path(run_dir) / "tensorboard"),
+            "eval_page": str(Path(run_dir) / page) if page else None}
+
+
 def run_demo(workdir: str | Path, num_workers: int = 2, max_steps: int | None = None,
-             n_train: int = 480, n_eval: int = 60) -> dict:
+             n_train: int = 480, n_eval: int = 60, verbose: bool = False) -> dict:
     from omni_ray.data.synthetic import COLORS, make_color_dataset
     from omni_ray.launch.driver import train
     from omni_ray.models.tiny import build_tiny_minicpmv
@@ -71,7 +87,7 @@ def run_demo(workdir: str | Path, num_workers: int = 2, max_steps: int | None = 
     items = eval_items(eval_path)
     before = accuracy(cfg, items, None)
     print(f"[demo] held-out accuracy before training: {before:.3f} (chance {1 / len(COLORS):.3f})", flush=True)
-    result = train(cfg)
+    result = train(cfg, verbose=verbose)
     if result.error:
         raise result.error
     checkpoint = result.checkpoint.to_directory()
@@ -81,9 +97,14 @@ def run_demo(workdir: str | Path, num_workers: int = 2, max_steps: int | None = 
         "final_loss": result.metrics.get("loss"), "steps": result.metrics.get("step"),
         "frozen_unchanged": result.metrics.get("frozen_unchanged"),
         "run_dir": str(result.path), "checkpoint": str(result.checkpoint.path),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "eval_losses": eval_losses(str(result.path)), "seconds": round(time.perf_counter() - t0, 1),
+        **where(str(result.path), result.metrics),
     }
     print(f"[demo] held-out accuracy after training:  {after:.3f} (before {before:.3f}, chance {1 / len(COLORS):.3f})")
+    print(f"[demo] eval loss by step: {summary['eval_losses']}")
     print(f"[demo] run files: {summary['run_dir']}\n[demo] checkpoint: {summary['checkpoint']}")
+    print(f"[demo] curves (open in any image viewer): {summary['curves']}")
+    print(f"[demo] what the model answers (open in a browser): {summary['eval_page']}")
+    print(f"[demo] TensorBoard: tensorboard --logdir {summary['tensorboard']}   |   omni-ray report {summary['run_dir']}")
     print(f"[demo] {json.dumps(summary)}", flush=True)
     return summary

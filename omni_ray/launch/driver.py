@@ -15,6 +15,7 @@ from omni_ray.config import Config, ConfigError
 from omni_ray.freeze import FreezePlan, plan_freeze
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
+from omni_ray.observe.loggers import check_loggers
 
 
 @dataclass
@@ -36,6 +37,7 @@ def validate(cfg: Config) -> Validated:
         skeleton = build_skeleton(cfg.model, spec, hf_config)
         named_shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
     plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
+    check_loggers(cfg.run.loggers)
     if cfg.lora.qlora and not cfg.scaling.use_gpu:
         raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
@@ -86,7 +88,7 @@ def count_rows(source: str, cfg: Config) -> int:
     return int(read_manifest(source, cfg.storage)["counts"]["accepted"])
 
 
-def train(cfg: Config):
+def train(cfg: Config, verbose: bool = False):
     """Run training under Ray Train; returns Ray's Result (metrics, checkpoint, path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -94,6 +96,11 @@ def train(cfg: Config):
     from omni_ray.data.pipeline import build_dataset
     from omni_ray.train.loop import train_loop_per_worker
 
+    from omni_ray.observe.console import quiet_driver, ray_logging_config
+    from omni_ray.observe.watch import RunWatcher
+    from omni_ray.train.session import RaySession
+
+    quiet_driver(verbose)
     validate(cfg)
     ensure_ray(cfg)
     num_rows = count_rows(cfg.data.train, cfg)
@@ -101,6 +108,7 @@ def train(cfg: Config):
     storage_path, filesystem = storage_for_ray(cfg)
     if filesystem is None:  # workers do not share the driver's working directory
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path})})
+    watcher = RunWatcher(RaySession.run_uri(cfg), cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows},
@@ -118,7 +126,10 @@ def train(cfg: Config):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             # Workers get S3 credentials explicitly: on a cluster they do not share the driver's env.
             worker_runtime_env={"env_vars": cfg.storage.worker_env()},
+            callbacks=[watcher.callback()],
+            logging_config=ray_logging_config(verbose),
         ),
         datasets={"train": dataset},
     )
-    return trainer.fit()
+    with watcher:
+        return trainer.fit()

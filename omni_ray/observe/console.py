@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import time
-from typing import IO, Callable
+from typing import IO, Callable, ContextManager
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,40 @@ NOISE = [
     r"falling back to its reference PyTorch implementation", r"is_gradient_checkpointing` is deprecated",
     r"RayDeprecationWarning", r"^\s*warnings\.warn\(", r"^\s*self\.exclude_resources = exclude_resources",
     r"Setting accelerator to CPU", r"^Loading weights:", r"Writing model shards:",
+    # The driver's own Ray notices: token auth on a local Ray, a deprecation inside our pinned Ray.
+    r"Token authentication is enabled", r"Generated new authentication token", r"``concurrency`` is deprecated",
 ]
 _NOISE = re.compile("|".join(f"(?:{p})" for p in NOISE))
 
 
 def is_noise(line: str) -> bool:
     return bool(_NOISE.search(line))
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_noise(record.getMessage())
+
+
+
+def quiet_driver(verbose: bool) -> None:
+    """This process's own known-harmless output off (unless verbose): Ray/DeepSpeed notices,
+    transformers' weight-loading bars, kernel-fallback notes and deprecation warnings."""
+    if verbose:
+        return
+    import warnings
+
+    for name in ("ray", "DeepSpeed"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def ray_logging_config(verbose: bool):
@@ -55,12 +84,12 @@ def ray_logging_config(verbose: bool):
 _installed: dict = {}
 
 
-def quiet_worker_logs(verbose: bool, write: Callable[[str, bool], None] | None = None) -> bool:
+def quiet_worker_logs(verbose: bool, around: Callable[[], ContextManager] = contextlib.nullcontext) -> bool:
     """Filter what Ray forwards from workers to this driver (call after ray.init). True if installed.
 
-    Uses the driver's log dispatcher (``ray._private``, no public hook exists in Ray 2.60): the
-    stock handler is wrapped, so dropping lines is all this changes. ``write(line, is_err)``
-    replaces printing (the progress bar writes above itself); default: Ray's own printing.
+    Uses the driver's log dispatcher (``ray._private``: Ray 2.60 has no public hook): the stock
+    handler is wrapped, so dropping lines is all this changes (Ray's de-duplication stays).
+    ``around()`` is entered while a batch prints (the progress bar clears itself and redraws).
     """
     try:
         from ray._private import worker as ray_worker
@@ -68,24 +97,20 @@ def quiet_worker_logs(verbose: bool, write: Callable[[str, bool], None] | None =
         return False
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     if "original" not in _installed:
-        _installed["original"] = dispatcher.handlers.get("ray_print_logs")
+        _installed["original"] = dict(dispatcher.handlers).get("ray_print_logs")
     original = _installed["original"]
     if original is None:  # ray.init(log_to_driver=False): nothing is forwarded
         return False
+    dispatcher.remove_handler("ray_print_logs")
     if verbose:
         dispatcher.add_handler("ray_print_logs", original)
         return False
 
     def handler(data: dict) -> None:
         lines = [line for line in data.get("lines", []) if not is_noise(line)]
-        if not lines:
-            return
-        if write is None:
-            original({**data, "lines": lines})
-            return
-        prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}) "
-        for line in lines:
-            write(prefix + line, bool(data.get("is_err")))
+        if lines:
+            with around():
+                original({**data, "lines": lines})
 
     dispatcher.add_handler("ray_print_logs", handler)
     return True
@@ -151,6 +176,14 @@ class Progress:
                             desc="train")
         self.bar.set_postfix_str(status_text(report), refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def around_output(self) -> ContextManager:
+        """Enter while something else prints: the bar steps aside and comes back below it."""
+        if self.bar is None:
+            return contextlib.nullcontext()
+        from tqdm import tqdm
+
+        return tqdm.external_write_mode(file=self.stream)
 
     def write(self, text: str, is_err: bool = False) -> None:
         """Print a line without breaking the bar."""

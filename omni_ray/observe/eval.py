@@ -230,4 +230,24 @@ def page_name(step: int) -> str:
     return f"eval/step-{step}.html"
 
 
-__all__ = ["EvalSet", "Prompt", "evaluate", "eval_loss", "generate", "render_page", "page_name", "read_rows"]
+def run_eval(forward, evalset: EvalSet, step: int, *, rank: int, world: int, device, batch_size: int,
+             max_new_tokens: int, run_uri: str | None, storage: StorageConfig | None = None, modules=()) -> dict:
+    """One evaluation inside a run (collective): metrics for the report; rank 0 writes the page.
+
+    The page goes straight to the run directory (local or S3, beside the checkpoints); the
+    report carries its name (``eval_page``) so the driver and `omni-ray report` can point to it.
+    """
+    from omni_ray import storage as st
+
+    result = evaluate(forward, evalset, rank, world, device, batch_size, max_new_tokens, modules)
+    metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"]}
+    if result["answers"] and run_uri:
+        metrics["eval_page"] = page_name(step)
+        if rank == 0:
+            page = render_page(result["answers"], step, result["eval_loss"])
+            st.write_bytes(st.join(run_uri, *page_name(step).split("/")), page.encode(), storage)
+    return metrics
+
+
+__all__ = ["EvalSet", "Prompt", "evaluate", "eval_loss", "generate", "render_page", "page_name", "read_rows",
+           "run_eval"]

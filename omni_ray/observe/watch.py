@@ -160,7 +160,7 @@ class RunWatcher:
             self._drain()
 
     def __enter__(self) -> "RunWatcher":
-        quiet_worker_logs(self.verbose, write=self.progress.write)
+        quiet_worker_logs(self.verbose, around=self.progress.around_output)
         if self._inbox is not None:
             self._thread = threading.Thread(target=self._poll, name="omni-ray-watcher", daemon=True)
             self._thread.start()

@@ -25,6 +25,8 @@ from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor, decode
 from omni_ray.data.errors import REASONS
 from omni_ray.freeze import apply_plan, audit, format_audit, frozen_fingerprint, param_groups, plan_freeze
+from omni_ray.observe.eval import run_eval
+from omni_ray.observe.loggers import memory_gb
 from omni_ray.models.loading import load_model, load_processor, local_model_dir, read_hf_config, resolve_spec
 from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
@@ -94,6 +96,11 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     sample_processor = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
     keep_alive = keep_alive_sample(sample_processor)
     pad_id = sample_processor.tokenizer.pad_token_id or 0
+    evalset = None
+    if cfg.data.eval:  # read and preprocessed once, in this process (every rank: same rows)
+        from omni_ray.observe.eval import EvalSet
+
+        evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, cfg.eval.num_samples, keep_alive)
 
     # --- resume -------------------------------------------------------------------------------
     # After a lost worker, or when the same command runs again with the same run name: the newer
@@ -220,7 +227,14 @@ def run(cfg: Config, session, num_rows: int) -> dict:
                 "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
                 "rejected": {r: int(v) for r, v in zip(reasons, totals[6:]) if v},
                 "audit": audit_summary, "resumed_from_step": resumed_step,
+                "total_steps": total_steps, "memory_gb": memory_gb(device),
             }
+            if evalset is not None and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                last.update(run_eval(strategy.forward, evalset, step, rank=rank, world=world, device=device,
+                                     batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
+                                     max_new_tokens=cfg.eval.max_new_tokens,
+                                     run_uri=session.run_uri(cfg) if hasattr(session, "run_uri") else None,
+                                     storage=cfg.storage, modules=[strategy.unwrapped()]))
             if rank == 0:
                 print(f"[omni-ray] step {step}/{total_steps} epoch {epoch} loss {last['loss']:.4f} "
                       f"lr {last['lr']:.2e} grad_norm {last['grad_norm']:.3f} "
