@@ -77,7 +77,9 @@ def run_demo(workdir: str | Path, num_workers: int = 2, max_steps: int | None = 
     from omni_ray.data.synthetic import COLORS, make_color_dataset
     from omni_ray.launch.driver import train
     from omni_ray.models.tiny import build_tiny_minicpmv
+    from omni_ray.observe.console import quiet_driver
 
+    quiet_driver(verbose)  # before the first model load: its progress bars and notices
     workdir = Path(workdir).expanduser().resolve()
     t0 = time.perf_counter()
     if not (workdir / "model" / "config.json").exists():

@@ -1,8 +1,8 @@
 """Evaluation during training: loss over the whole eval set, and what the model now answers.
 
-    evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, cfg.eval.num_samples)   # once, every rank
-    result = evaluate(forward, evalset, rank, world, device, batch_size, max_new_tokens)  # every rank
-    page = render_page(result["answers"], step)                                         # rank 0 writes it
+    evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, keep_alive, run_uri)
+    if evaluator and evaluator.due(step, total_steps):     # every rank, at the same steps
+        metrics.update(evaluator(engine, step, rank, world, device))  # rank 0 also writes the page
 
 * **Loss**: each rank takes every world-th eval sample; the summed token losses and token counts
   are all-reduced, so the result is the mean token loss over the whole set, the same number a
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from omni_ray.config import DataConfig, ModelConfig
+from omni_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, decode
 from omni_ray.storage import StorageConfig
+from omni_ray.train.step import NON_MODEL_KEYS, token_loss_sum
 
-NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
 
 
 @dataclass
@@ -142,8 +142,6 @@ def _inputs(batch: dict, device) -> dict:
 @torch.no_grad()
 def eval_loss(forward, evalset: EvalSet, rank: int, world: int, device, batch_size: int) -> dict:
     """Mean token loss over the whole eval set (collective). Returns eval_loss and eval_tokens."""
-    from omni_ray.train.loop import token_loss_sum
-
     mine = evalset.samples[rank::world]
     most = -(-len(evalset.samples) // world)  # samples on the fullest rank: all ranks run its batch count
     loss_sum, tokens = 0.0, 0.0
@@ -230,24 +228,48 @@ def page_name(step: int) -> str:
     return f"eval/step-{step}.html"
 
 
-def run_eval(forward, evalset: EvalSet, step: int, *, rank: int, world: int, device, batch_size: int,
-             max_new_tokens: int, run_uri: str | None, storage: StorageConfig | None = None, modules=()) -> dict:
-    """One evaluation inside a run (collective): metrics for the report; rank 0 writes the page.
+class Evaluator:
+    """Evaluation inside a run: when it is due, and one call that returns the report's eval metrics.
 
-    The page goes straight to the run directory (local or S3, beside the checkpoints); the
-    report carries its name (``eval_page``) so the driver and `omni-ray report` can point to it.
+    Built on every rank (each reads data.eval itself: it is small, and no Ray Data pipeline
+    competes with training's for CPUs); called on every rank at the same steps (collective).
+    Rank 0 writes ``eval/step-N.html`` straight into the run directory (local or S3, beside the
+    checkpoints); the report carries its name (``eval_page``) and the eval loss.
     """
-    from omni_ray import storage as st
 
-    result = evaluate(forward, evalset, rank, world, device, batch_size, max_new_tokens, modules)
-    metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"]}
-    if result["answers"] and run_uri:
-        metrics["eval_page"] = page_name(step)
-        if rank == 0:
-            page = render_page(result["answers"], step, result["eval_loss"])
-            st.write_bytes(st.join(run_uri, *page_name(step).split("/")), page.encode(), storage)
-    return metrics
+    def __init__(self, evalset: EvalSet, eval_cfg: EvalConfig, every: int | None, batch_size: int,
+                 run_uri: str | None, storage: StorageConfig | None):
+        self.evalset, self.cfg, self.every, self.batch_size = evalset, eval_cfg, every, batch_size
+        self.run_uri, self.storage = run_uri, storage
+        self.done_at: int | None = None
+
+    @classmethod
+    def for_run(cls, data: DataConfig, eval_cfg: EvalConfig, train: TrainConfig, model: ModelConfig,
+                storage: StorageConfig | None, keep_alive: dict, run_uri: str | None) -> "Evaluator | None":
+        """None when the run has no data.eval."""
+        if not data.eval:
+            return None
+        evalset = EvalSet.load(data, model, storage, eval_cfg.num_samples, keep_alive)
+        return cls(evalset, eval_cfg, train.eval_every, eval_cfg.batch_size or train.micro_batch_size, run_uri, storage)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Every train.eval_every steps and at the last step (once per step)."""
+        return step != self.done_at and (step == total_steps or bool(self.every and step % self.every == 0))
+
+    def __call__(self, engine, step: int, rank: int, world: int, device) -> dict:
+        from omni_ray import storage as st
+
+        result = evaluate(engine.forward, self.evalset, rank, world, device, self.batch_size,
+                          self.cfg.max_new_tokens, modules=[engine.unwrapped()])
+        self.done_at = step
+        metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"]}
+        if result["answers"] and self.run_uri:
+            metrics["eval_page"] = page_name(step)
+            if rank == 0:
+                page = render_page(result["answers"], step, result["eval_loss"])
+                st.write_bytes(st.join(self.run_uri, *page_name(step).split("/")), page.encode(), self.storage)
+        return metrics
 
 
 __all__ = ["EvalSet", "Prompt", "evaluate", "eval_loss", "generate", "render_page", "page_name", "read_rows",
-           "run_eval"]
+           "Evaluator"]

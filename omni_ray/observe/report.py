@@ -7,6 +7,7 @@ is loaded and no Ray is started.
 
 from __future__ import annotations
 
+import errno
 import json
 
 import yaml
@@ -17,10 +18,6 @@ from omni_ray.observe.loggers import TB_DIR
 
 FINAL_KEYS = ("step", "total_steps", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s",
               "samples_per_s", "samples_seen", "skipped_steps", "memory_gb", "frozen_unchanged")
-
-
-class ReportError(FileNotFoundError):
-    pass
 
 
 def _history(run_uri: str, storage) -> list[dict]:
@@ -56,8 +53,8 @@ def _best(checkpoints: list[dict], history: list[dict]) -> dict | None:
 def build_report(run_uri: str, storage=None) -> dict:
     files = st.list_files(run_uri, storage) if st.exists(run_uri, storage) else []
     if not files:
-        raise ReportError(f"{run_uri}: no run there; give run.storage_path/run.name of a run "
-                          "(e.g. ~/omni_ray_runs/my-run or s3://bucket/runs/my-run)")
+        raise FileNotFoundError(errno.ENOENT, "no run there; give run.storage_path/run.name of a run "
+                                "(e.g. ~/omni_ray_runs/my-run or s3://bucket/runs/my-run)", run_uri)
     history = _history(run_uri, storage)
     checkpoints = _checkpoints(run_uri, files, storage)
     config = None
