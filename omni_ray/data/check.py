@@ -21,7 +21,7 @@ STAT_COLUMNS = ["id", "reason", "detail", "num_tokens", "num_images", "num_image
 
 def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
     from omni_ray.data.pipeline import build_dataset
-    from omni_ray.launch.driver import ensure_ray
+    from omni_ray.launch.driver import count_rows, ensure_ray
 
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     prepared: dict = {}
@@ -30,7 +30,7 @@ def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
 
         prepared = read_manifest(source, cfg.storage)["counts"]
     ds = build_dataset(source, cfg.data, cfg.model, cfg.storage).select_columns(STAT_COLUMNS)
-    rows = ds.to_pandas()
+    rows = _collect(ds, count_rows(source, cfg.storage))
     ok = rows[rows["reason"] == ""]
     bad = rows[rows["reason"] != ""]
     by_reason = Counter(bad["reason"])
@@ -63,6 +63,20 @@ def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
         },
         "truncated": int((ok["dropped_rounds"] > 0).sum()),
     }
+
+
+def _collect(ds, total: int):
+    """The dataset's rows as one DataFrame, with a progress bar over samples (on a terminal)."""
+    import pandas as pd
+
+    from omni_ray.observe.console import sample_progress
+
+    parts = []
+    with sample_progress(total, "data check") as bar:
+        for batch in ds.iter_batches(batch_size=64, batch_format="pandas"):
+            parts.append(batch)
+            bar.update(len(batch))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=STAT_COLUMNS)
 
 
 def format_report(report: dict) -> str:

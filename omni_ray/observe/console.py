@@ -198,10 +198,10 @@ class Progress:
             self.bar = None
 
 
-def sample_progress(iterable, total: int | None, desc: str, stream: IO | None = None):
-    """Progress over samples for ``data prepare`` / ``data check``: a bar on a terminal, else nothing."""
+def sample_progress(total: int | None, desc: str, stream: IO | None = None):
+    """A progress bar over samples (``data check``; ``data prepare`` has its own): drawn on a
+    terminal, silent elsewhere, where the final counts are printed anyway."""
     from tqdm import tqdm
 
     stream = stream or sys.stderr
-    return tqdm(iterable, total=total, desc=desc, unit="sample", file=stream, disable=not stream.isatty(),
-                mininterval=0.5)
+    return tqdm(total=total, desc=desc, unit="sample", file=stream, disable=not stream.isatty(), mininterval=0.5)

@@ -13,7 +13,8 @@ driver drains it into ``RunWatcher.handle``. The driver then writes, under the r
 On S3 they are written to a local folder and uploaded at each checkpoint and at the end.
 A resumed run reads metrics.jsonl back and drops reports of steps it has already logged (the
 steps between the checkpoint it resumed from and the failure), so every series keeps one value
-per step.
+per step; the workers re-send the resumed checkpoint's own report first, so a step whose report
+never arrived (a worker died before Ray Train delivered it) is not missing either.
 
     watcher = RunWatcher(run_uri, cfg.run.loggers, cfg.storage, config=cfg.model_dump(mode="json"))
     with watcher:
@@ -119,7 +120,8 @@ class RunWatcher:
         with open(os.path.join(self.local_dir, HISTORY), "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         self.last_step = step
-        if report.get("checkpoint"):
+        # At a checkpoint, or at the one a resumed run re-announces (its own report may have been lost).
+        if report.get("checkpoint") or step == report.get("resumed_from_step"):
             self.publish()
 
     def publish(self) -> None:

@@ -48,6 +48,7 @@ class TrainState:
     consumed: set = field(default_factory=set)
     resumed_from: int | None = None
     saved_at: int = -1
+    resumed_report: dict | None = None  # the metrics the resumed checkpoint was reported with
 
 
 class EpochBatches:

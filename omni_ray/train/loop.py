@@ -58,6 +58,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
     state = resume(session, engine, run_uri, cfg, built.local_dir)
+    if state.resumed_report:  # the checkpoint's report once more: a driver that never got it (a worker
+        session.report({**state.resumed_report, "resumed_from_step": state.step})  # died first) logs it now
 
     processor = load_processor(cfg.model, built.local_dir)
     batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec)
@@ -118,7 +120,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> 
     engine.load_state(saved["train_state"])
     torch.set_rng_state(saved["rng"]["torch"])
     state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=set(saved["consumed_ids"]),
-                       resumed_from=saved["step"], saved_at=saved["step"])
+                       resumed_from=saved["step"], saved_at=saved["step"], resumed_report=saved["report"])
     if session.rank == 0:
         log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
                  path, state.step, state.epoch, len(state.consumed))
@@ -131,7 +133,7 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
     train_state = {"epoch": state.epoch, "consumed_ids": gather_ids(state.consumed),
-                   "rng": {"torch": torch.get_rng_state()}}
+                   "rng": {"torch": torch.get_rng_state()}, "report": metrics}
     path = ckpt.save(engine, guard.plan, cfg, state.step, session.rank, train_state, base_dir)
     # The last one uploads synchronously so the run ends with it in storage.
     final = state.step >= total_steps
