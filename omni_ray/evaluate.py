@@ -1,7 +1,11 @@
-"""Held-out accuracy by likelihood: which of a sample's candidate answers does the model prefer?
+"""Evaluating a checkpoint in one plain process (no Ray, no process group).
 
-Scoring every candidate (instead of generating text) makes accuracy exact and cheap on a tiny
-model: the answer with the highest total log-probability of its tokens is the model's choice.
+* ``evaluate_checkpoint``: eval loss over ``data.eval`` and the eval page, computed exactly as
+  a run computes them during training (``omni_ray.observe.eval``), so a run's numbers and pages
+  can be checked against it.
+* ``choice_accuracy``: held-out accuracy by likelihood: which of a sample's candidate answers
+  does the model prefer? Scoring every candidate (instead of generating text) makes accuracy
+  exact and cheap on a tiny model: the answer with the highest total log-probability wins.
 """
 
 from __future__ import annotations

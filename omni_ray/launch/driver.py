@@ -41,6 +41,9 @@ def validate(cfg: Config) -> Validated:
         named_shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
     plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
     check_loggers(cfg.run.loggers)
+    if cfg.train.eval_every and not cfg.data.eval:
+        raise ConfigError("train.eval_every: set, but data.eval is not; point data.eval at a JSON/JSONL file or a "
+                          "prepared prefix (same formats as data.train), or remove train.eval_every")
     if cfg.lora.qlora and not cfg.scaling.use_gpu:
         raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")

@@ -81,9 +81,6 @@ def ray_logging_config(verbose: bool):
     return ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")
 
 
-_installed: dict = {}
-
-
 def quiet_worker_logs(verbose: bool, around: Callable[[], ContextManager] = contextlib.nullcontext) -> bool:
     """Filter what Ray forwards from workers to this driver (call after ray.init). True if installed.
 
@@ -96,9 +93,8 @@ def quiet_worker_logs(verbose: bool, around: Callable[[], ContextManager] = cont
     except ImportError:  # pragma: no cover - a Ray without the private module: print as Ray does
         return False
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    if "original" not in _installed:
-        _installed["original"] = dict(dispatcher.handlers).get("ray_print_logs")
-    original = _installed["original"]
+    current = dict(dispatcher.handlers).get("ray_print_logs")
+    original = getattr(current, "ray_printer", current)  # ours wraps Ray's printer: unwrap it
     if original is None:  # ray.init(log_to_driver=False): nothing is forwarded
         return False
     dispatcher.remove_handler("ray_print_logs")
@@ -112,6 +108,7 @@ def quiet_worker_logs(verbose: bool, around: Callable[[], ContextManager] = cont
             with around():
                 original({**data, "lines": lines})
 
+    handler.ray_printer = original  # type: ignore[attr-defined]
     dispatcher.add_handler("ray_print_logs", handler)
     return True
 

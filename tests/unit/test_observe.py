@@ -169,3 +169,55 @@ def test_report_names_checkpoints_metrics_rejects_and_files(tmp_path):
     assert "best checkpoint: step 2, eval_loss 0.5000" in text and "too_long 1" in text
     with pytest.raises(FileNotFoundError, match="no run there"):
         build_report(str(tmp_path / "nothing"))
+
+
+def test_worker_log_filter_wraps_rays_printer_and_verbose_restores_it():
+    from ray._private import worker as ray_worker
+
+    from omni_ray.observe.console import quiet_worker_logs
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    saved = list(dispatcher.handlers)  # a Ray started earlier in this process keeps its printer
+    printed: list[list[str]] = []
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.append(data["lines"]))  # Ray's printer
+    try:
+        assert quiet_worker_logs(verbose=False)
+        dispatcher.emit({"lines": RAY_NOISE + KEPT, "pid": 1, "is_err": False})
+        dispatcher.emit({"lines": RAY_NOISE[:2], "pid": 1, "is_err": False})  # nothing left: nothing printed
+        assert printed == [KEPT]
+        assert not quiet_worker_logs(verbose=True)  # --verbose: Ray's own printer, every line
+        dispatcher.emit({"lines": RAY_NOISE, "pid": 1, "is_err": False})
+        assert printed[-1] == RAY_NOISE
+        assert quiet_worker_logs(verbose=False) and quiet_worker_logs(verbose=False)  # twice: wraps once
+        dispatcher.emit({"lines": KEPT, "pid": 1, "is_err": False})
+        assert printed[-1] == KEPT and len(dispatcher.handlers) == 1
+    finally:
+        dispatcher.handlers = saved
+
+
+def test_report_command_prints_the_run_and_fails_in_one_line_without_one(tmp_path, capsys):
+    from omni_ray.launch.cli import main
+
+    run = str(tmp_path / "r3")
+    watcher = RunWatcher(run, ["tensorboard"], progress=Progress(stream=io.StringIO(), tty=False))
+    watcher.handle(report(1))
+    watcher.close()
+    assert main(["report", run]) == 0
+    out = capsys.readouterr().out
+    assert f"run: {run}" in out and "curves: " in out and "tensorboard --logdir" in out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run there" in err[0]
+
+
+def test_eval_is_due_every_n_steps_and_at_the_end_once():
+    from omni_ray.config import EvalConfig
+    from omni_ray.observe.eval import Evaluator
+
+    ev = Evaluator(evalset=None, eval_cfg=EvalConfig(), every=4, batch_size=2, run_uri=None, storage=None)
+    assert [s for s in range(1, 11) if ev.due(s, 10)] == [4, 8, 10]
+    ev.done_at = 10
+    assert not ev.due(10, 10)  # the end of a run that ran out of epochs: not evaluated twice
+    never = Evaluator(evalset=None, eval_cfg=EvalConfig(), every=None, batch_size=2, run_uri=None, storage=None)
+    assert [s for s in range(1, 11) if never.due(s, 10)] == [10]
