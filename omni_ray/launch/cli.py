@@ -21,6 +21,7 @@ import os
 import sys
 
 from omni_ray.config import Config, ConfigError, load_config
+from omni_ray.errors import UserError
 
 
 def _config(args) -> Config:
@@ -172,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(err: BaseException) -> str | None:
     """One line for an expected failure (bad config, storage, data, files), or None for a bug."""
-    from omni_ray.data.errors import DataError
-    from omni_ray.export import ExportError
-
-    if isinstance(err, (ConfigError, DataError, ExportError)):
+    if isinstance(err, UserError):
         return str(err)
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         where = err.filename or str(err)
