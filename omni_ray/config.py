@@ -201,6 +201,10 @@ class ScalingConfig(Section):
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
     )
+    gpu_wait_timeout_s: float = Field(
+        900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
+        "failing with a named error instead of waiting silently.",
+    )
 
 
 class RunConfig(Section):
