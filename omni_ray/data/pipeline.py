@@ -152,6 +152,20 @@ def read_source(source: str | list[str], data: DataConfig, storage: StorageConfi
     return ds.map_batches(_with_rows, fn_kwargs={"first_rows": first_rows}, batch_format="pyarrow", runtime_env=env)
 
 
+def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig | None) -> int:
+    """Rows in one epoch of ``source``: a prepared manifest's accepted count, or the JSON files'
+    records (one streaming pass; rejected records count, they flow through as rows)."""
+    from omni_ray.data.reader import iter_records
+
+    kind, uris = resolve_sources(source, storage)
+    if kind == "prepared":
+        from omni_ray.data.prepare import read_manifest
+
+        return int(read_manifest(uris[0], storage)["counts"]["accepted"])
+    policy = InputPolicy.from_data(data)
+    return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
+
+
 def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
                   *, concurrency: int = 1):
     """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders)."""
