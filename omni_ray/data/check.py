@@ -36,7 +36,7 @@ def ensure_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine.
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
              runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
 
 
