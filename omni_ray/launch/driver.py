@@ -76,14 +76,10 @@ def storage_for_ray(cfg: Config) -> tuple[str, object | None]:
     return str(Path(cfg.run.storage_path).expanduser().resolve()), None
 
 
-def count_rows(source: str, cfg: Config) -> int:
-    if source.endswith((".json", ".jsonl")):
-        from omni_ray.data.formats import iter_records
+def count_rows(source: str | list[str], cfg: Config) -> int:
+    from omni_ray.data.pipeline import count_rows as count_source_rows
 
-        return sum(1 for _ in iter_records(source, cfg.storage))
-    from omni_ray.data.prepare import read_manifest
-
-    return int(read_manifest(source, cfg.storage)["counts"]["accepted"])
+    return count_source_rows(source, cfg.data, cfg.storage)
 
 
 def train(cfg: Config):
