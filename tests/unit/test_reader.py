@@ -163,3 +163,17 @@ def test_training_reader_streams_bounded_blocks(tmp_path):
     rows = [r for t in blocks for r in t.to_pylist()]
     assert [r["row"] for r in rows] == list(range(35))
     assert [r["id"] for r in rows] == [str(i) for i in range(25)] + [str(i) for i in range(10)]
+
+
+def test_data_package_never_imports_the_launcher():
+    """``data check`` takes config sections and a running (or its own) Ray, not omni_ray.launch."""
+    import ast
+    from pathlib import Path
+
+    import omni_ray.data
+
+    for path in Path(omni_ray.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("omni_ray.launch") for n in names), f"{path.name} imports {names}"
