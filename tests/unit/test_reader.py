@@ -177,3 +177,13 @@ def test_data_package_never_imports_the_launcher():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("omni_ray.launch") for n in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_jsonl_lines_across_read_chunks(tmp_path, chunk):
+    from omni_ray.data.reader import _iter_lines
+
+    lines = [b"a" * 10, b"", b"b" * 30, b"c" * 5, b"d" * 31, b"e"]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines))
+    got = list(_iter_lines(str(tmp_path / "d.jsonl"), None, max_bytes=30, chunk=chunk))
+    assert got == [(1, lines[0]), (2, b""), (3, lines[2]), (4, lines[3]), (5, None), (6, b"e")]
