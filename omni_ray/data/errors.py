@@ -12,6 +12,7 @@ end.
 from __future__ import annotations
 
 from omni_ray.config import ConfigError
+from omni_ray.errors import UserError
 
 __all__ = ["REASONS", "DataError", "DataSourceError"]
 
@@ -51,7 +52,7 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """One sample is unusable; ``reason`` says why in a word, ``detail`` in a sentence.
 
     Subclasses :class:`ValueError` so code that does not know about omni_ray still treats
