@@ -417,6 +417,7 @@ def test_resolve_ref(ref, base, kwargs, expected):
         ("a/" * 2048 + "x.jpg", "/data/set/train.json", {}, "bad_path"),
         ("x" * 300 + ".jpg", "/data/set/train.json", {}, "bad_path"),
         ("ftp://host/a.jpg", "/data/set/train.json", {}, "bad_path"),
+        ("data:image/png;base64,iVBORw0KGgo=", "/data/set/train.json", {}, "bad_path"),
     ],
 )
 def test_resolve_ref_rejects(ref, base, kwargs, reason):
