@@ -32,6 +32,11 @@ REASONS: tuple[str, ...] = (
     # tokenization (raised by omni_ray.data's tokenizer code)
     "too_long",  # the sample does not fit model_max_length even after safe truncation
     "image_tokens_truncated",  # truncation would cut an image's placeholder tokens
+    # chat template, video and other modalities (omni_ray.data.conversation, omni_ray.data.video)
+    "tools_unsupported",  # the sample has tools but the model's chat template does not render them
+    "unsupported_modality",  # audio, or video for a model whose processor takes none
+    "missing_video",  # the file or object a video reference names does not exist
+    "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
 )
 
 
