@@ -169,6 +169,8 @@ class SampleProcessor:
             # (" red"), and that token is the answer's to generate. Special tokens added by the tokenizer
             # (BOS) have empty offsets and never overlap.
             in_answer |= (offsets[:, 0] < t) & (offsets[:, 1] > s)
+        # An image inside a labelled turn is input, never something to predict.
+        in_answer &= ~np.isin(ids, [t for t in (self.image_token_id, self.video_token_id) if t is not None])
         result = {"input_ids": ids, "labels": np.where(in_answer, ids, IGNORE_INDEX)}
         if "mm_token_type_ids" in out:
             result["mm_token_type_ids"] = np.asarray(out["mm_token_type_ids"][0], dtype=np.int64)

@@ -226,3 +226,12 @@ def test_a_batch_of_video_image_and_text_samples_trains(tmp_path, arch):
     assert torch.isfinite(loss)
     vision = [p for n, p in model.named_parameters() if spec.group_of(n) == "vision"]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision)
+
+
+def test_image_tokens_inside_a_labelled_turn_are_not_labelled(qwen):
+    messages = [{"role": "user", "content": "show me"}, {"role": "assistant", "content": "here <image> it is"}]
+    out = SampleProcessor(qwen, 4096, QWEN)(messages, [_image()])
+    pad = qwen.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (out["input_ids"] == pad).sum() == 4
+    assert not (out["labels"] == pad).any()
+    assert _labelled_text(qwen, out).startswith("here ")
