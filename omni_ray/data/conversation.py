@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from omni_ray.data.errors import DataError
-from omni_ray.data.formats import IMAGE_PLACEHOLDER
+from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 IGNORE_INDEX = -100
-VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _BLOCK_TYPE = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
 

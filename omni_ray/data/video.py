@@ -69,11 +69,14 @@ def encode_test_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
         container.mux(stream.encode(None))
 
 
-def load_video(ref: str, storage=None) -> bytes:
-    """The raw bytes of the video at ``ref`` (local path or ``s3://`` URI); absent -> ``missing_video``."""
-    from omni_ray import storage as _storage
+def load_video(ref: str, storage=None, **limits) -> bytes:
+    """The raw bytes of the video at ``ref``, read with the image reader's safety limits
+    (``max_bytes``, ``timeout_s``, regular files only); an absent file is ``missing_video``."""
+    from omni_ray.data.images import load_image
 
     try:
-        return _storage.read_bytes(ref, storage)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
-        raise DataError("missing_video", f"no video at {ref}") from err
+        return load_image(ref, storage, **limits)
+    except DataError as err:
+        if err.reason == "missing_image":
+            raise DataError("missing_video", f"no video at {ref}") from err
+        raise

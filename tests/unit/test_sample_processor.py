@@ -188,7 +188,7 @@ def test_preprocess_reads_decodes_and_processes_a_video_row(tmp_path):
     pre = Preprocess(ModelConfig(path=str(model_dir)), None, 4096, video_fps=2.0, video_max_frames=4)
     row = {"id": "v1", "messages": json.dumps([{"role": "user", "content": "<video>\nwhat happens?"},
                                                {"role": "assistant", "content": "it fades"}]),
-           "image_refs": [], "video_refs": [str(tmp_path / "clip.mp4")], "tools": None}
+           "image_refs": [], "video_refs": [str(tmp_path / "clip.mp4")], "tools": ""}
     out = pre.process_row(row)
     assert out["reason"] == "", out["detail"]
     sample = decode(out["sample"])
