@@ -49,6 +49,10 @@ REASONS: tuple[str, ...] = (
     "unsupported_field",  # a known field we cannot honour (grounding objects, preference data)
     "media_in_assistant_turn",  # <image>/<video> in an answer would turn pixels into labels
     "processing_error",  # an unexpected exception while processing this one sample
+    # chat templates and video (omni_ray.data.conversation, omni_ray.data.video)
+    "tools_unsupported",  # the sample has tools but the model's chat template does not render them
+    "missing_video",  # the file or object a video reference names does not exist
+    "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
 )
 
 
