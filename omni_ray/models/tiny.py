@@ -116,15 +116,25 @@ def tiny_minicpmv_processor(version: str = "4_6", scale_resolution: int = 112):
     from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
     from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
 
-    tokenizer = train_tokenizer(list(_MINICPMV_TOKENS.values()), _MINICPMV_TOKENS,
-                                pad_token="<|endoftext|>", chat_template=MINICPMV_STANDIN_TEMPLATE)
+    if version == "4_6":  # the published template and special tokens (templates/PROVENANCE.json)
+        special = published_special_tokens("minicpmv4_6")
+        template = published_chat_template("minicpmv4_6")
+        # Qwen3.5's tokenizer holds <think> and </think> as single added tokens.
+        extra = [*special["additional_special_tokens"], *special["extra_special_tokens"].values(), "<think>", "</think>"]
+        tokenizer = train_tokenizer(extra, special["extra_special_tokens"], eos_token=special["eos_token"],
+                                    pad_token=special["pad_token"], bos_token=special["bos_token"],
+                                    unk_token=special["unk_token"], chat_template=template)
+    else:  # MiniCPM-V 4.7: no published copy found yet
+        template = MINICPMV_STANDIN_TEMPLATE
+        tokenizer = train_tokenizer(list(_MINICPMV_TOKENS.values()), _MINICPMV_TOKENS,
+                                    pad_token="<|endoftext|>", chat_template=template)
     # Small images keep the tiny model fast: 112 px / 14 px patches = 8x8 patches -> 4 image tokens.
     small = dict(scale_resolution=scale_resolution, max_slice_nums=1, slice_mode=False, patch_size=14)
     processor_cls = getattr(importlib.import_module(f"transformers.models.minicpmv{version}"),
                             f"MiniCPMV{version.upper()}Processor")
     return processor_cls(image_processor=MiniCPMV4_6ImageProcessorPil(**small),
                          video_processor=MiniCPMV4_6VideoProcessor(**small), tokenizer=tokenizer,
-                         chat_template=MINICPMV_STANDIN_TEMPLATE)
+                         chat_template=template)
 
 
 def tiny_qwen_vl_processor(model_type: str = "qwen2_5_vl"):

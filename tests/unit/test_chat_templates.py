@@ -137,8 +137,20 @@ def test_qwen2_vl_adjacent_images_are_framed_apart(processors):
     assert int(out["image_grid_thw"].prod(-1).sum()) // 4 == tokens.count("<|image_pad|>")
 
 
+def test_minicpmv46_template_renders_the_empty_think_block_of_its_instruct_mode(processors):
+    """The published MiniCPM-V 4.6 template marks the answer after the last question with an empty
+    think block, as its generation prompt does with enable_thinking false: trained text = served text."""
+    processor = processors("minicpmv4_6")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                                          {"role": "assistant", "content": [{"type": "text", "text": "a"}]}],
+                                         tokenize=False)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert text == prompt + "a<|im_end|>\n"
+
+
 def test_tiny_processors_carry_the_published_template(processors):
-    for family in ("qwen2_vl", "qwen2_5_vl", "llava"):
+    for family in ("minicpmv4_6", "qwen2_vl", "qwen2_5_vl", "llava"):
         assert processors(family).chat_template == published_chat_template(family)
 
 
