@@ -34,7 +34,6 @@ REASONS: tuple[str, ...] = (
     "missing_field",  # a required key (conversations/messages) is absent
     # tokenization (raised by omni_ray.data's tokenizer code)
     "too_long",  # the sample does not fit model_max_length even after safe truncation
-    "image_tokens_truncated",  # truncation would cut an image's placeholder tokens
     # input safety and formats (issues 10 and 11)
     "unsafe_path",  # absolute path, or `..` climbing out of the dataset root (data.image_root)
     "bad_path",  # NUL byte, over-long path or component, symlink loop
