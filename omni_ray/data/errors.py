@@ -11,7 +11,10 @@ end.
 
 from __future__ import annotations
 
-__all__ = ["REASONS", "DataError"]
+from omni_ray.config import ConfigError
+from omni_ray.errors import UserError
+
+__all__ = ["REASONS", "DataError", "DataSourceError"]
 
 #: Every reason a sample can be rejected for. Stable, snake_case, machine-readable.
 REASONS: tuple[str, ...] = (
@@ -31,11 +34,28 @@ REASONS: tuple[str, ...] = (
     "missing_field",  # a required key (conversations/messages) is absent
     # tokenization (raised by omni_ray.data's tokenizer code)
     "too_long",  # the sample does not fit model_max_length even after safe truncation
-    "image_tokens_truncated",  # truncation would cut an image's placeholder tokens
+    # input safety and formats (issues 10 and 11)
+    "unsafe_path",  # absolute path, or `..` climbing out of the dataset root (data.image_root)
+    "bad_path",  # NUL byte, over-long path or component, symlink loop
+    "not_a_regular_file",  # a directory, FIFO, device (/dev/zero) or socket instead of a file
+    "image_too_large",  # the file is over data.max_image_bytes
+    "read_timeout",  # the read did not finish within data.read_timeout_s
+    "unreadable_file",  # any other error reading the file or object (permissions, network)
+    "remote_url",  # an http(s) URL: omni_ray does not download from the web
+    "record_too_deep",  # JSON nesting deeper than data.max_json_depth
+    "record_too_large",  # one record over data.max_record_bytes
+    "unsupported_modality",  # audio, or content blocks no model here takes
+    "unsupported_field",  # a known field we cannot honour (grounding objects, preference data)
+    "media_in_assistant_turn",  # <image>/<video> in an answer would turn pixels into labels
+    "processing_error",  # an unexpected exception while processing this one sample
+    # chat templates and video (omni_ray.data.conversation, omni_ray.data.video)
+    "tools_unsupported",  # the sample has tools but the model's chat template does not render them
+    "missing_video",  # the file or object a video reference names does not exist
+    "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """One sample is unusable; ``reason`` says why in a word, ``detail`` in a sentence.
 
     Subclasses :class:`ValueError` so code that does not know about omni_ray still treats
@@ -64,3 +84,16 @@ class DataError(ValueError):
     def __reduce__(self):
         # Keeps the error picklable across Ray task boundaries with both fields intact.
         return (type(self), (self.reason, self.detail))
+
+
+class DataSourceError(ConfigError):
+    """A whole input source is unusable (missing, unreadable, wrong format): no sample in it
+    can be trusted, so this stops the command instead of rejecting samples one by one.
+
+    A :class:`~omni_ray.config.ConfigError`, so the CLI exits 2 with the one-line message,
+    which names the config key, the path and what to check.
+    """
+
+    def __init__(self, path: str, problem: str, key: str = "data.train") -> None:
+        self.path = path
+        super().__init__(f"{key}: {path}: {problem}")

@@ -64,10 +64,11 @@ class EvalSet:
         """Read and preprocess data.eval (same formats as data.train) in this process, in file order."""
         from omni_ray.data.pipeline import Preprocess
 
-        pre = Preprocess(model, storage, data.model_max_length, data.max_image_pixels)
+        pre = Preprocess(model, storage, data.model_max_length, data.max_image_pixels, data.max_image_bytes,
+                         data.read_timeout_s, data.video_fps, data.video_max_frames)
         sp = pre.sample_processor
         samples, prompts, rejected = [], [], {}
-        for row in read_rows(data.eval, storage):
+        for row in read_rows(data.eval, data, storage):
             out = pre.process_row(row)
             if out["reason"]:
                 rejected[out["reason"]] = rejected.get(out["reason"], 0) + 1
@@ -75,31 +76,32 @@ class EvalSet:
             arrays = decode(out["sample"])
             samples.append(arrays)
             if len(prompts) < num_samples:
-                prompts.append(_prompt(row, arrays, sp, pre, storage))
+                prompts.append(_prompt(row, arrays, sp, pre))
         return cls(samples, prompts, rejected, sp.image_inputs, sp.tokenizer.pad_token_id or 0, keep_alive,
                    sp.tokenizer)
 
 
-def read_rows(source: str, storage: StorageConfig | None) -> list[dict]:
-    """Rows as Ray Data reads them for training: JSON/JSONL records or prepared Parquet shards."""
-    if source.endswith((".json", ".jsonl")):
-        from omni_ray.data.pipeline import json_rows
+def read_rows(source: str, data: DataConfig, storage: StorageConfig | None) -> list[dict]:
+    """Rows as training reads them (same reader, same policy): JSON/JSONL records or prepared shards."""
+    from omni_ray.data.reader import InputPolicy, iter_rows, resolve_sources
 
-        return json_rows(source, storage)
+    kind, uris = resolve_sources(source, storage)
+    if kind == "json":
+        return list(iter_rows(uris, storage, InputPolicy.from_data(data)))
     import pyarrow.parquet as pq
 
     from omni_ray import storage as st
     from omni_ray.data.prepare import read_manifest, shard_uris
 
     rows = []
-    for uri in shard_uris(source, read_manifest(source, storage)):
+    for uri in shard_uris(uris[0], read_manifest(uris[0], storage)):
         fs, path = st.resolve(uri, storage)
-        rows += pq.read_table(path, filesystem=fs, columns=["id", "messages", "images"]).to_pylist()
+        rows += pq.read_table(path, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools"]).to_pylist()
     return rows
 
 
-def _prompt(row: dict, arrays: dict, sp, pre, storage) -> Prompt:
-    from omni_ray.data.images import decode_image, encode_png, load_image
+def _prompt(row: dict, arrays: dict, sp, pre) -> Prompt:
+    from omni_ray.data.images import encode_png
 
     labels = arrays["labels"]
     answer_at = np.flatnonzero(labels != IGNORE_INDEX)
@@ -110,10 +112,7 @@ def _prompt(row: dict, arrays: dict, sp, pre, storage) -> Prompt:
     cut = {k: (v[:first] if k in ("input_ids", "labels", "mm_token_type_ids") else v) for k, v in arrays.items()}
     messages = json.loads(row["messages"])
     turn = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    blobs = row.get("images")
-    if blobs is None:
-        blobs = [load_image(ref, storage) for ref in row.get("image_refs") or []]
-    images = [encode_png(decode_image(bytes(b), max_pixels=pre.max_image_pixels)) for b in blobs]
+    images = [encode_png(image) for image in pre._inputs(row)[0]]  # the images the model saw, as PNG
     question = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages[:turn])
     return Prompt(str(row["id"]), cut, tuple(sorted(stop)), question, messages[turn]["content"], images)
 

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 
 from omni_ray.config import Config, dump_config
+from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unfinished, damaged, or made for another model."""
+
 
 MANIFEST = "manifest.json"
 STATE = "train_state.pt"
@@ -129,11 +134,13 @@ def manifest_step(path: str | Path) -> int:
 def read_manifest(path: str | Path) -> dict:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
-        raise FileNotFoundError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used")
+        raise CheckpointError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used; "
+                              "pick an earlier checkpoint_* directory of the run")
     manifest = json.loads(manifest.read_text())
     for name, digest in manifest["files"].items():
         if _sha256(Path(path) / name) != digest:
-            raise ValueError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is damaged")
+            raise CheckpointError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is "
+                                  "damaged: pick an earlier checkpoint_* directory of the run")
     return manifest
 
 
@@ -160,7 +167,7 @@ def load(path: str | Path, base_dir: str | Path) -> dict:
     """Everything a resumed run needs; refuses a checkpoint made on another base model."""
     manifest = read_manifest(path)
     if manifest["base_fingerprint"] != base_fingerprint(base_dir):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was trained from base model {manifest['base_model']} with another content fingerprint; "
             "resume with the same model.path, or start a new run (another run.name)"
         )
@@ -168,7 +175,7 @@ def load(path: str | Path, base_dir: str | Path) -> dict:
     sharded = manifest.get("layout") == "sharded"
     return {"tensors": {} if sharded else load_tensors(path), "sharded_dir": str(path) if sharded else None,
             "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
-            "consumed_ids": state["consumed_ids"], "rng": state["rng"], "report": state.get("report")}
+            "consumed": state["consumed"], "rng": state["rng"], "report": state.get("report")}
 
 
 def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from omni_ray.config import Config
 from omni_ray.data.conversation import SampleProcessor
 from omni_ray.data.errors import REASONS
+from omni_ray.data.position import PositionSet
 from omni_ray.freeze import param_groups
 from omni_ray.models.loading import load_processor
 from omni_ray.observe.eval import Evaluator
@@ -35,7 +36,7 @@ from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
 from omni_ray.train.guard import FreezeGuard
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
-from omni_ray.train.resume import gather_ids, pick_checkpoint
+from omni_ray.train.resume import gather_positions, pick_checkpoint
 from omni_ray.train.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,11 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             stop = bad_data_error(last["rejected"], last["samples_seen"], cfg.data.max_bad_fraction)
             if stop:
                 raise RuntimeError(stop)
-            # A spot node about to go: checkpoint now, so at most the steps since the last report
-            # are lost (every rank asks equally often: it is a barrier).
-            if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, session.preemption_notice()):
+            # A spot node about to go: checkpoint once per notice, so at most the steps since the
+            # last report are lost (every rank asks equally often: it is a barrier).
+            notice = session.preemption_notice()
+            new_notice, state.under_notice = notice and not state.under_notice, notice
+            if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, new_notice):
                 save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, total_steps)
             else:
                 session.report(last)
@@ -119,8 +122,9 @@ def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> 
         engine.load_trainable(saved["tensors"])
     engine.load_state(saved["train_state"])
     torch.set_rng_state(saved["rng"]["torch"])
-    state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=set(saved["consumed_ids"]),
-                       resumed_from=saved["step"], saved_at=saved["step"], resumed_report=saved["report"])
+    state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=PositionSet.from_json(saved["consumed"]),
+                       resumed_from=saved["step"], saved_at=saved["step"],
+                       resumed_report=saved["report"])
     if session.rank == 0:
         log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
                  path, state.step, state.epoch, len(state.consumed))
@@ -132,7 +136,8 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
     """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
-    train_state = {"epoch": state.epoch, "consumed_ids": gather_ids(state.consumed),
+    # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
+    train_state = {"epoch": state.epoch, "consumed": gather_positions(state.consumed).to_json(),
                    "rng": {"torch": torch.get_rng_state()}, "report": metrics}
     path = ckpt.save(engine, guard.plan, cfg, state.step, session.rank, train_state, base_dir)
     # The last one uploads synchronously so the run ends with it in storage.
