@@ -210,7 +210,7 @@ def render_page(answers: list[dict], step: int, eval_loss: float | None = None, 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>eval {esc(head)}</title>"
              f"<style>{PAGE_STYLE}</style></head><body><h1>Evaluation at {esc(head)}</h1>"]
     if eval_loss is not None:
-        parts.append(f"<p>eval loss (whole eval set): <b>{eval_loss:.6f}</b></p>")
+        parts.append(f"<p class='loss'>eval loss (whole eval set): <b>{eval_loss:.4f}</b></p>")
     for a in answers:
         imgs = "".join(f"<img alt='image {i}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
                        for i, png in enumerate(a["images_png"]))

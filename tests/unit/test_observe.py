@@ -144,7 +144,7 @@ def test_eval_page_embeds_each_image_and_escapes_text():
     page = render_page(answers, step=4, eval_loss=1.25)
     assert page == render_page(answers, step=4, eval_loss=1.25)
     assert page.count("class='sample'") == 3 and page.count("src='data:image/png;base64,") == 3
-    assert "r&lt;e&gt;d" in page and "&lt;image&gt;" in page and "1.250000" in page
+    assert "r&lt;e&gt;d" in page and "&lt;image&gt;" in page and "1.2500" in page
 
 
 def test_report_names_checkpoints_metrics_rejects_and_files(tmp_path):
