@@ -2,8 +2,8 @@
 YAML and the Dockerfile.
 
 * Every ray.io document under cluster/kuberay/ is validated against the KubeRay
-  CRD of its kind and version (../shared/schemas/kuberay/, next to the repository),
-  in strict mode: an unknown field is an error, as with `kubectl apply
+  CRD of its kind and version (cluster/kuberay/crds/, vendored with their source and
+  version in SOURCE.md, so the test runs from a bare clone), in strict mode: an unknown field is an error, as with `kubectl apply
   --validate=strict`, instead of being pruned silently by the API server.
 * cluster/aws/*.yaml is validated against Ray's own ray-schema.json and, merged
   with Ray's AWS defaults, by Ray's validate_config.
@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_SCHEMA_DIR = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMA_DIR = REPO_ROOT / "cluster" / "kuberay" / "crds"
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 AWS_DIR = REPO_ROOT / "cluster" / "aws"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -87,14 +87,14 @@ def _strict(schema: dict) -> dict:
 
 @functools.cache
 def _crd_schemas() -> dict[tuple[str, str], dict]:
-    """{(apiVersion, kind): strict openAPIV3Schema} for every CRD in the shared dir."""
+    """{(apiVersion, kind): strict openAPIV3Schema} for every vendored CRD."""
     crd_files = sorted(KUBERAY_SCHEMA_DIR.glob("*.yaml")) if KUBERAY_SCHEMA_DIR.is_dir() else []
     if not crd_files:
         pytest.fail(
-            f"KubeRay CRD schemas not found in {KUBERAY_SCHEMA_DIR}. They are test data kept "
-            "outside the repository (ray.io_rayclusters.yaml, ray.io_rayjobs.yaml from "
-            "ray-project/kuberay ray-operator/config/crd/bases/); check out the shared/ "
-            "directory next to the repository. The manifests cannot be validated without them.",
+            f"KubeRay CRD schemas not found in {KUBERAY_SCHEMA_DIR}. They are vendored test data "
+            "(ray.io_rayclusters.yaml, ray.io_rayjobs.yaml from ray-project/kuberay "
+            "ray-operator/config/crd/bases/, see SOURCE.md there); restore them from git. "
+            "The manifests cannot be validated without them.",
             pytrace=False,
         )
     schemas = {}
