@@ -22,6 +22,7 @@ import fcntl
 import functools
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Optional
@@ -61,7 +62,20 @@ _LOCK_FILE = ".lock"
 _CHUNK = 8 << 20  # 8 MiB: stream big files (model shards) instead of reading them whole
 
 
-class StorageConfig(BaseModel, extra="forbid"):
+# A URL's user-info part (scheme://user:password@host): credentials never belong in a config,
+# which is copied into checkpoints and shown in logs.
+_URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*@")
+
+
+def url_credentials_error(value: str) -> Optional[str]:
+    """The fix for a URL that embeds credentials, or None. Never repeats the value (it is a secret)."""
+    if not _URL_CREDENTIALS.match(value):
+        return None
+    return ("holds credentials in the URL (user:password@); remove them: storage credentials come from "
+            "the node (AWS_* environment, instance profile, IRSA, a mounted Secret or credentials file)")
+
+
+class StorageConfig(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
     """Where object storage lives. Holds no secrets; see the module docstring."""
 
     endpoint_url: Optional[str] = Field(
@@ -100,6 +114,9 @@ class StorageConfig(BaseModel, extra="forbid"):
     def _check_endpoint(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
             return None
+        problem = url_credentials_error(value)
+        if problem:
+            raise ValueError(problem)
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
