@@ -66,7 +66,8 @@ def main() -> None:
         times, size = [], 0
         for _ in range(args.repeats):
             start = time.perf_counter()
-            path = ckpt.save(strategy, plan, c, 1, 0, {"epoch": 0, "consumed_ids": [], "rng": {}}, model_dir)
+            record = ckpt.run_record(c.run, c.model, "", ckpt.run_identity(model_dir, spec.name, plan, c.lora))
+            path = ckpt.save(strategy, plan, record, c.checkpoint, 1, 0, {"epoch": 0, "consumed_ids": [], "rng": {}})
             times.append(time.perf_counter() - start)
             size = dir_bytes(path)
         rows["trainable-only" if trainable_only else "full"] = (size, statistics.median(times))

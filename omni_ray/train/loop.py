@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from omni_ray.config import Config
+from omni_ray.config import Config, dump_config
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor, decode
 from omni_ray.data.errors import REASONS
@@ -78,6 +78,8 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
                        cfg.train.lr)
     model = apply_plan(model, plan, cfg.lora)
+    # What the trained state depends on, recorded in every checkpoint and checked on resume.
+    record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg), ckpt.run_identity(local_dir, spec.name, plan, cfg.lora))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     strategy = build_strategy(cfg.strategy, cfg.train, device)
@@ -103,15 +105,16 @@ def run(cfg: Config, session, num_rows: int) -> dict:
     resumed = _pick_checkpoint(session, cfg)
     resumed_step = None
     if resumed:
-        state = ckpt.load(resumed, local_dir)
+        state = ckpt.load(resumed, record.identity, cfg.checkpoint.resume)
         if state["sharded_dir"]:
             strategy.load_sharded(state["sharded_dir"])
         else:
             strategy.load_trainable(state["tensors"])
-        strategy.load_state(state["train_state"])
+        if not state["weights_only"]:
+            strategy.load_state(state["train_state"])
+            torch.set_rng_state(state["rng"]["torch"])
         step, epoch, consumed = state["step"], state["epoch"], set(state["consumed_ids"])
         resumed_step = step
-        torch.set_rng_state(state["rng"]["torch"])
         if rank == 0:
             print(f"[omni-ray] resumed from {resumed}: step {step}, epoch {epoch}, "
                   f"{len(consumed)} samples of this epoch already trained", flush=True)
@@ -161,7 +164,7 @@ def run(cfg: Config, session, num_rows: int) -> dict:
         nonlocal saved_at
         metrics["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
         train_state = {"epoch": epoch, "consumed_ids": _gather_ids(consumed), "rng": {"torch": torch.get_rng_state()}}
-        path = ckpt.save(strategy, plan, cfg, step, rank, train_state, local_dir)
+        path = ckpt.save(strategy, plan, record, cfg.checkpoint, step, rank, train_state)
         # The last one uploads synchronously so the run ends with it in storage.
         session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
         saved_at = step
@@ -258,17 +261,17 @@ def _pick_checkpoint(session, cfg: Config) -> str | None:
     from omni_ray import storage as st
 
     registered = session.latest_checkpoint()
-    choice = None
+    choice = "registered"  # rank 0 decides: "registered", "none" (nothing whole), or a URI in storage
     if session.rank == 0 and getattr(session, "run_uri", None):
-        found = ckpt.find_latest(session.run_uri(cfg), cfg.storage)
-        registered_step = ckpt.manifest_step(registered) if registered else -1  # ckpt.load verifies it
-        if found and found[0] > registered_step:
-            choice = found[1]
+        picked = ckpt.choose_resume(registered, ckpt.find_latest(session.run_uri(cfg), cfg.storage))
+        choice = "none" if picked is None else "registered" if picked == registered else picked
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [choice]
         dist.broadcast_object_list(box, src=0)
         choice = box[0]
-    if choice is None:
+    if choice == "none":
+        return None
+    if choice == "registered":
         return registered
     return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), cfg.storage)
 
