@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 from omni_ray import storage as st
-from omni_ray.config import ConfigError, Config, load_config, parse_yaml
+from omni_ray.config import Config, ConfigError, load_config, parse_yaml
+from omni_ray.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     pass
 
 
@@ -56,8 +57,6 @@ def _target(out: str) -> Path:
     if st.is_remote(out):
         return Path(tempfile.mkdtemp(prefix="omni_ray_out_"))
     target = Path(out).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"--out {out}: is an existing file; give a directory (new or empty)")
     target.mkdir(parents=True, exist_ok=True)
     return target
 
@@ -67,6 +66,8 @@ def export(checkpoint: str, out: str, *, adapter: bool = False, storage: st.Stor
     from omni_ray.models.loading import load_processor, local_model_dir
     from omni_ray.train.checkpoint import CheckpointError, load_trainable, restore_model
 
+    if not st.is_remote(out) and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise ExportError(f"--out {out}: a file is already there; give a new directory (or remove the file)")
     local = _local_checkpoint(checkpoint, storage)
     cfg = checkpoint_config(local, trust_remote_code)
     storage = storage or cfg.storage

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from omni_ray.config import CheckpointConfig, FreezeConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan
 from omni_ray.storage import StorageConfig, StorageError
 
@@ -51,8 +52,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names it and the way out."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unfinished, damaged, or made for another setup (names the way out)."""
 
 
 class ResumeMismatch(CheckpointError):
@@ -207,7 +208,7 @@ def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointCo
     trainable_only = checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
-    sharded = not trainable_only and hasattr(strategy, "save_sharded")
+    sharded = not trainable_only and strategy.supports_sharded_checkpoint
     if sharded or rank == 0:
         path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{record.run_name}_step{step:07d}_r{rank}_"))
     if sharded:
@@ -272,7 +273,8 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest, after checking every file it lists against its checksum."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used")
+        raise CheckpointError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used; "
+                              "pick an earlier checkpoint_* directory of the run")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = dict(manifest["files"])
@@ -282,7 +284,7 @@ def read_manifest(path: str | Path) -> dict:
         file = Path(path) / name
         if not file.is_file() or _sha256(file) != digest:
             raise CheckpointError(f"{file}: missing or its checksum does not match the manifest; the checkpoint "
-                                  "is damaged or was modified, use an earlier one")
+                                  "is damaged or was modified: pick an earlier checkpoint_* directory of the run")
     return manifest
 
 
@@ -379,14 +381,12 @@ def restore_model(model_cfg: ModelConfig, freeze: FreezeConfig, lora: LoraConfig
 
     Returns (model, spec, plan). Without a checkpoint this is the model as training starts.
     """
-    from omni_ray.freeze import apply_plan, plan_freeze
-    from omni_ray.models.loading import load_model, local_model_dir, read_hf_config, resolve_spec
+    from omni_ray.train.build import build_trainable_model
 
-    spec = resolve_spec(model_cfg, read_hf_config(model_cfg, storage))
-    torch.manual_seed(train.seed)
-    model = load_model(model_cfg, spec, local_model_dir(model_cfg, storage))
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, freeze, lora, train.lr)
-    model = apply_plan(model, plan, lora)
+    # Outside training: a full-precision base (a QLoRA run's adapters merge into it), no checkpointing.
+    built = build_trainable_model(model_cfg, freeze, lora.model_copy(update={"qlora": False}),
+                                  train.model_copy(update={"gradient_checkpointing": False}), storage)
+    model, spec, plan = built.model, built.spec, built.plan
     if checkpoint_dir is not None:
         tensors = load_trainable(checkpoint_dir)
         result = model.load_state_dict(tensors, strict=False)

@@ -155,7 +155,7 @@ def test_export_never_enables_remote_code_on_the_checkpoints_word(trained, copy,
 
 def test_export_out_onto_a_file_is_an_error(trained, copy, tmp_path):
     (tmp_path / "taken").write_text("x")
-    with pytest.raises(ExportError, match="existing file"):
+    with pytest.raises(ExportError, match="a file is already there"):
         export(str(copy), str(tmp_path / "taken"))
 
 
