@@ -357,7 +357,7 @@ def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
         log.warning("checkpoint.resume=weights_only: loading only the trained tensors of %s into a changed "
                     "setup (%s); optimizer and schedule start fresh", path, "; ".join(changes))
         return {"tensors": load_tensors(path, manifest), "sharded_dir": None, "train_state": None, "step": 0,
-                "epoch": 0, "consumed_ids": [], "rng": None, "weights_only": True}
+                "epoch": 0, "consumed": None, "rng": None, "weights_only": True}
     if changes:
         check_resume(path, manifest, identity)
     state = torch.load(checked_file(path, manifest, STATE), weights_only=True)
@@ -366,7 +366,7 @@ def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
         screen_dcp_metadata(path)  # the strategy's DCP load unpickles it next
     return {"tensors": {} if sharded else load_tensors(path, manifest), "sharded_dir": str(path) if sharded else None,
             "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
-            "consumed_ids": state["consumed_ids"], "rng": state["rng"], "weights_only": False}
+            "consumed": state["consumed"], "rng": state["rng"], "weights_only": False}
 
 
 def checkpoint_config_text(path: str | Path) -> str:
