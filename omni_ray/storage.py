@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field, field_validator
 
+from omni_ray.errors import UserError
+
 __all__ = [
     "CREDENTIAL_ENV_VARS",
     "RunLocation",
@@ -157,11 +159,12 @@ class StorageConfig(BaseModel, extra="forbid", strict=True, allow_inf_nan=False)
         return env
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """Storage that exists but cannot be used (credentials, network, a missing bucket).
 
     Kept apart from :class:`FileNotFoundError` so that callers never read an outage as
-    "nothing there" (e.g. "no checkpoint yet: start from step 0").
+    "nothing there" (e.g. "no checkpoint yet: start from step 0"). A :class:`UserError`: the
+    CLI prints its one-line message and exits 2.
     """
 
 

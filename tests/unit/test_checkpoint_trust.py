@@ -248,5 +248,8 @@ def test_newest_checkpoint_without_manifest_is_skipped_with_a_warning(trained, t
 def test_storage_errors_are_not_read_as_no_checkpoint():
     # Nothing listens on port 1: a network error, which must not become "start from step 0".
     dead = st.StorageConfig(endpoint_url="http://127.0.0.1:1", max_attempts=1)
-    with pytest.raises(st.StorageError, match=r"s3://bucket/runs/x: cannot list .*credentials"):
+    with pytest.raises(st.StorageError, match=r"s3://bucket/runs/x: cannot list .*credentials") as info:
         ckpt.find_latest("s3://bucket/runs/x", dead)
+    from omni_ray.errors import UserError
+
+    assert isinstance(info.value, UserError)  # the CLI prints it on one line and exits 2
