@@ -36,17 +36,16 @@ SECRETS = {
     "MLFLOW_TRACKING_TOKEN": "omniRayLeakTestMlflowToken",
 }
 
-# Runs in the child: the real driver start (ensure_ray: the runtime env the driver builds) and
-# the real CLI commands. os.cpu_count is raised so the local Ray has room for Ray Data's read
-# tasks beside the worker and the preprocessing actor on a 2-core test machine.
+# Runs in the child: the real driver start (ensure_ray: the local Ray and the runtime env the
+# driver builds, started first so that prepare and check use it too) and the real CLI commands.
 SCRIPT = """
-import os, sys
-os.cpu_count = lambda: 4
+import sys
 from omni_ray.config import load_config
 from omni_ray.launch.cli import main
 from omni_ray.launch.driver import ensure_ray
 config, raw, shards, endpoint = sys.argv[1:5]
-ensure_ray(load_config(config))
+cfg = load_config(config)
+ensure_ray(cfg.scaling, cfg.data, cfg.storage)
 codes = [main(["data", "prepare", raw, "--out", shards, "--endpoint-url", endpoint, "--rows-per-shard", "16"])]
 codes.append(main(["data", "check", shards, "--config", config]))
 codes.append(main(["train", config]))

@@ -151,6 +151,11 @@ def test_export_never_enables_remote_code_on_the_checkpoints_word(trained, copy,
     with pytest.raises(ExportError, match="--trust-remote-code"):
         export(str(copy), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    from omni_ray.launch.cli import main
+
+    assert main(["export", str(copy), "--out", str(tmp_path / "out")]) == 2  # one line, no traceback
+    # The user's own flag is what enables it (the tiny model is native, so the export then works).
+    assert main(["export", str(copy), "--out", str(tmp_path / "out"), "--trust-remote-code"]) == 0
 
 
 def test_export_out_onto_a_file_is_an_error(trained, copy, tmp_path):
