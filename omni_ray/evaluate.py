@@ -56,7 +56,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir=None, step: int = 0) -> dict:
 
     if not cfg.data.eval:
         raise ValueError("data.eval: not set; point it at an eval JSON/JSONL file or prepared prefix")
-    model, _, _ = restore_model(cfg, checkpoint_dir)
+    model, _, _ = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage, checkpoint_dir)
     evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, cfg.eval.num_samples)
     result = evaluate(lambda inputs: model(**inputs), evalset, 0, 1, torch.device("cpu"),
                       cfg.eval.batch_size or cfg.train.micro_batch_size, cfg.eval.max_new_tokens, modules=[model])
