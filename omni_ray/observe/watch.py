@@ -13,8 +13,9 @@ driver drains it into ``RunWatcher.handle``. The driver then writes, under the r
 On S3 they are written to a local folder and uploaded at each checkpoint and at the end.
 A resumed run reads metrics.jsonl back and drops reports of steps it has already logged (the
 steps between the checkpoint it resumed from and the failure), so every series keeps one value
-per step; the workers re-send the resumed checkpoint's own report first, so a step whose report
-never arrived (a worker died before Ray Train delivered it) is not missing either.
+per step; a checkpoint keeps the reports made since the one before it and a resumed run sends
+them again first, so steps whose reports died with a worker (Ray Train collects reports by
+polling the workers) are not missing either.
 
     watcher = RunWatcher(run_uri, cfg.run.loggers, cfg.storage, config=cfg.model_dump(mode="json"))
     with watcher:
@@ -102,6 +103,10 @@ class RunWatcher:
 
     # --- one report ---------------------------------------------------------------------------
     def handle(self, report: dict) -> None:
+        if "replayed" in report:  # a resumed run's first report: what its checkpoint had reported so far
+            for earlier in report["replayed"]:
+                self.handle({**earlier, "resumed_from_step": report["resumed_from_step"]})
+            return
         step = int(report.get("step", 0))
         if report.get("resumed_from_step") is not None and report["resumed_from_step"] != self._seen_resume:
             self._seen_resume = report["resumed_from_step"]

@@ -53,7 +53,9 @@ class TrainState:
     consumed: PositionSet = field(default_factory=PositionSet)
     resumed_from: int | None = None
     saved_at: int = -1
-    resumed_report: dict | None = None  # the metrics the resumed checkpoint was reported with
+    # Reports since the last checkpoint; a checkpoint keeps them, because a worker that dies can
+    # take reports Ray Train had not yet collected with it, and the resumed run sends them again.
+    reports: list = field(default_factory=list)
     under_notice: bool = False
     """A preemption notice was seen at the last report (its checkpoint is taken once)."""
 

@@ -367,7 +367,7 @@ def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
     return {"tensors": {} if sharded else load_tensors(path, manifest), "sharded_dir": str(path) if sharded else None,
             "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
             "consumed": state["consumed"], "rng": state["rng"], "weights_only": False,
-            "report": state.get("report")}
+            "reports": state.get("reports", [])}
 
 
 def checkpoint_config_text(path: str | Path) -> str:

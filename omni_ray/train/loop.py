@@ -63,8 +63,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg),
                              ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora))
     state = resume(session, engine, run_uri, cfg, record)
-    if state.resumed_report:  # the checkpoint's report once more: a driver that never got it (a worker
-        session.report({**state.resumed_report, "resumed_from_step": state.step})  # died first) logs it now
+    if state.reports:  # the resumed checkpoint's reports once more: the driver logs those it never got
+        session.report({"step": state.step, "resumed_from_step": state.step, "replayed": state.reports})
 
     processor = load_processor(cfg.model, built.local_dir)
     batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec)
@@ -88,6 +88,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             if evaluating:  # every rank: eval loss over the whole eval set, answers -> eval/step-N.html
                 last.update(evaluator(engine, state.step, session.rank, session.world_size, session.device))
                 meter.since = time.perf_counter()  # evaluation time is not training throughput
+            state.reports.append(last)
             if session.rank == 0:
                 log_step(last)
             stop = bad_data_error(last["rejected"], last["samples_seen"], cfg.data.max_bad_fraction)
@@ -132,7 +133,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
     torch.set_rng_state(saved["rng"]["torch"])
     state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=PositionSet.from_json(saved["consumed"]),
                        resumed_from=saved["step"], saved_at=saved["step"],
-                       resumed_report=saved["report"])
+                       reports=saved["reports"])
     if session.rank == 0:
         log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
                  path, state.step, state.epoch, len(state.consumed))
@@ -146,8 +147,9 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
     # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
     train_state = {"epoch": state.epoch, "consumed": gather_positions(state.consumed).to_json(),
-                   "rng": {"torch": torch.get_rng_state()}, "report": metrics}
+                   "rng": {"torch": torch.get_rng_state()}, "reports": state.reports}
     path = ckpt.save(engine, guard.plan, record, cfg.checkpoint, state.step, session.rank, train_state)
+    state.reports = []
     # The last one uploads synchronously so the run ends with it in storage.
     final = state.step >= total_steps
     session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)

@@ -114,7 +114,10 @@ def test_watcher_writes_tensorboard_curves_history_and_resumes_without_duplicate
     assert all(c.startswith(PNG_MAGIC) for c in curves) and curves[0] != curves[1]
 
     again = RunWatcher(run, ["tensorboard"], progress=Progress(stream=io.StringIO(), tty=False))
-    for step in range(4, 9):  # steps 4..6 come again after the resume: logged once only
+    # The resumed run first re-sends what its checkpoint (step 3) had reported, then steps 4..6
+    # come again: each is logged once only.
+    again.handle({"step": 3, "resumed_from_step": 3, "replayed": [report(2), report(3)]})
+    for step in range(4, 9):
         again.handle(report(step, resumed_from_step=3))
     again.close()
 
