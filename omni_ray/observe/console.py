@@ -37,7 +37,7 @@ NOISE = [
     # transformers / Ray, DeepSpeed choosing the CPU accelerator, weight-loading bars.
     r"falling back to its reference PyTorch implementation", r"is_gradient_checkpointing` is deprecated",
     r"RayDeprecationWarning", r"^\s*warnings\.warn\(", r"^\s*self\.exclude_resources = exclude_resources",
-    r"Setting accelerator to CPU", r"^Loading weights:", r"Writing model shards:",
+    r"Setting accelerator to CPU", r"Loading weights:", r"Writing model shards:",
     # The driver's own Ray notices: token auth on a local Ray, a deprecation inside our pinned Ray.
     r"Token authentication is enabled", r"Generated new authentication token", r"``concurrency`` is deprecated",
 ]

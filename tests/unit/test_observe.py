@@ -53,6 +53,7 @@ RAY_NOISE = [
     "Starting execution of Dataset train_0355_0. Full logs are in /tmp/ray/session/logs/ray-data",
     "[transformers] `causal_conv1d_fn` is falling back to its reference PyTorch implementation because ...",
     "  warnings.warn(",
+    "\rLoading weights:   0%|          | 0/115 [00:00<?, ?it/s]\rLoading weights: 100%|##| 115/115",
 ]
 KEPT = [
     "freeze audit: group            planned    trainable  grad on frozen  opt state on frozen",
