@@ -23,7 +23,7 @@ from omni_ray.data.errors import DataError
 from omni_ray.data.formats import IMAGE_PLACEHOLDER
 
 IGNORE_INDEX = -100
-TOKEN_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids")
+TOKEN_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
@@ -40,6 +40,11 @@ def decode(blob: bytes) -> dict[str, np.ndarray]:
 def _rounds(messages: list[dict]) -> list[int]:
     """Message counts at which a round (ending in an assistant turn) closes."""
     return [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def _first_row(value) -> list:
+    """Row 0 of a batched processor output that may be absent, a list, or an (empty) numpy array."""
+    return list(value[0]) if value is not None and len(value) else []
 
 
 @dataclass
@@ -84,7 +89,7 @@ class SampleProcessor:
         out = self.processor(**kwargs)
         # Shift assistant spans from the template text into the placeholder-expanded text.
         shifts = [(r["span"][1], (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
-                  for r in (out.get("text_replacement_offsets") or [[]])[0]]
+                  for r in _first_row(out.get("text_replacement_offsets"))]
         expanded = [(s + sum(d for e, d in shifts if e <= s), t + sum(d for e, d in shifts if e <= t)) for s, t in spans]
         ids = np.asarray(out["input_ids"][0], dtype=np.int64)
         offsets = np.asarray(out["offset_mapping"][0])
@@ -93,8 +98,9 @@ class SampleProcessor:
             in_answer |= (offsets[:, 0] >= s) & (offsets[:, 1] <= t) & (offsets[:, 1] > offsets[:, 0])
         labels = np.where(in_answer, ids, IGNORE_INDEX)
         result = {"input_ids": ids, "labels": labels}
-        if "mm_token_type_ids" in out:
-            result["mm_token_type_ids"] = np.asarray(out["mm_token_type_ids"][0], dtype=np.int64)
+        for key in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3 marks image tokens in token_type_ids
+            if key in out:
+                result[key] = np.asarray(out[key][0], dtype=np.int64)
         for key in self.image_inputs:
             if images and key in out:
                 result[key] = np.asarray(out[key])
