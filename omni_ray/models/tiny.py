@@ -70,7 +70,8 @@ def _text_config(model_type: str, vocab: int, layers: int) -> dict:
 
 
 def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: int = 4, vision_layers: int = 2,
-                        scale_resolution: int = 112, seed: int = 0) -> Path:
+                        scale_resolution: int = 112, tie_embeddings: bool = False, seed: int = 0) -> Path:
+    """``tie_embeddings``: one matrix for input embeddings and lm_head, as the published 4.6 has."""
     import importlib
 
     import torch
@@ -92,7 +93,8 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
         chat_template=CHAT_TEMPLATE,
     )
     config = getattr(mod, f"MiniCPMV{ver}Config")(
-        text_config=_text_config("qwen3_5_text", len(tokenizer), text_layers),
+        text_config={**_text_config("qwen3_5_text", len(tokenizer), text_layers), "tie_word_embeddings": tie_embeddings},
+        tie_word_embeddings=tie_embeddings,
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
                            num_attention_heads=4, patch_size=14, image_size=scale_resolution),
         insert_layer_id=0,
