@@ -19,13 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from omni_ray.errors import UserError
 from omni_ray.storage import StorageConfig
 
 Mode = Literal["frozen", "full", "lora"]
 GROUPS = ("vision", "projector", "llm", "embeddings", "lm_head")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased as ``key: what is wrong; how to fix it``."""
 
 
@@ -206,6 +207,10 @@ class ScalingConfig(Section):
     )
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
+    )
+    gpu_wait_timeout_s: float = Field(
+        900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
+        "failing with a named error instead of waiting silently.",
     )
 
 
