@@ -11,6 +11,7 @@ sections, so its users can bring their scripts' settings unchanged.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -168,7 +169,7 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay (MiniCPM-V's scripts: 0.95).")
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -176,6 +177,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(1, ge=1)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """AdamW's (beta1, beta2)."""
+        return (self.adam_beta1, self.adam_beta2)
 
 
 class StrategyConfig(Section):
@@ -307,6 +313,7 @@ _FLAG_SPECIAL: dict[str, type] = {
     "lora_modules_to_save": str, "deepspeed": str, "warmup_ratio": float, "lr_scheduler_type": str,
 }
 MINICPMV_FLAGS = tuple([*_FLAG_SPECIAL, *_FLAG_KEYS, *_FLAG_ACCEPTED])
+_log = logging.getLogger(__name__)
 # finetune.py's default LoRA targets (q/k/v of the LLM's self-attention), as suffixes so they
 # match MiniCPM-V 2.x's `llm.model.layers.N.self_attn.q_proj` and 4.x's `model.language_model...`.
 MINICPMV_DEFAULT_LORA_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -451,6 +458,8 @@ def map_minicpmv_flags(raw: dict) -> dict:
             _setdefault_path(raw, dotted, flags[flag], flag)
     _map_freeze_flags(raw, flags)
     _map_train_flags(raw, flags)
+    for flag in sorted(set(flags) & set(_FLAG_ACCEPTED)):
+        _log.info("%s=%r accepted: %s", flag, flags[flag], _FLAG_ACCEPTED[flag][1])
     return raw
 
 # --- loading -------------------------------------------------------------------------------

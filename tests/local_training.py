@@ -13,13 +13,14 @@ ANSWERS = ["a cat", "an astronaut and a rocket", "coffee", "yes, it is red", "he
 
 
 def train_locally(cfg, rows: list[dict]):
-    """Run the training loop in this process; return (session, the trained model as the engine holds it).
+    """``trainkit.local_run``, also returning the trained model as the engine holds it after ``run``.
 
-    The one place this test touches the loop's internals: it records the strategy the loop
-    builds, to read the trained parameters back after ``run`` returns.
+    The one place these tests touch the loop's internals: they record the engine the loop
+    builds (``loop.build_strategy``), to read the trained parameters back.
     """
+    from trainkit import local_run
+
     from omni_ray.train import loop
-    from omni_ray.train.session import ListIterator, LocalSession
 
     built = []
     real_build = loop.build_strategy
@@ -30,8 +31,7 @@ def train_locally(cfg, rows: list[dict]):
 
     loop.build_strategy = recording_build
     try:
-        session = LocalSession(datasets={"train": ListIterator(rows)})
-        loop.run(cfg, session, num_rows=len(rows))
+        session = local_run(cfg, rows)
     finally:
         loop.build_strategy = real_build
     return session, built[-1].unwrapped()
@@ -69,8 +69,10 @@ def write_dataset(folder) -> str:
 
 
 def processed_rows(cfg) -> tuple[list[dict], object]:
-    """The dataset's rows as the Ray Data preprocessing step makes them, and the tokenizer."""
-    from omni_ray.data.pipeline import Preprocess, json_rows
+    """The dataset's rows as the Ray Data preprocessing step makes them (``trainkit``), and the tokenizer."""
+    from trainkit import processed_rows as rows_of
 
-    pre = Preprocess(cfg.model, None, cfg.data.model_max_length)
-    return [pre.process_row(r) for r in json_rows(cfg.data.train, None)], pre.sample_processor.tokenizer
+    from omni_ray.data.pipeline import Preprocess
+
+    tokenizer = Preprocess(cfg.model, None, cfg.data.model_max_length).sample_processor.tokenizer
+    return rows_of(cfg, cfg.data.train), tokenizer

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from local_training import processed_rows, train_locally, write_dataset
 from omni_ray.config import load_config
@@ -27,6 +28,20 @@ TINY = {
     "MiniCPM-V-4_6": ("minicpmv4_6", {"text_layers": 12}),
     "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", {}),
 }
+
+
+def _overrides(path: Path, values: dict) -> list[str]:
+    """``--set`` items; a key the job sets through a MiniCPM-V flag is set through that flag."""
+    from omni_ray.config import _FLAG_KEYS
+
+    raw = yaml.safe_load(path.read_text())
+    by_key = {dotted: flag for flag, (_, dotted) in _FLAG_KEYS.items() if flag in raw}
+    items = []
+    for key, value in values.items():
+        if key == "train.warmup_steps" and "warmup_ratio" in raw:
+            continue  # the job's warmup_ratio turns into steps of the overridden max_steps
+        items.append(f"{by_key.get(key, key)}={value}")
+    return items
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +60,11 @@ def test_job_trains_on_a_tiny_model(path, tiny_models, dataset, tmp_path):
     job = load_config(path)
     checkpoint = job.model.path.rstrip("/").rsplit("/", 1)[-1]
     assert checkpoint in TINY, f"{path.name}: add a tiny stand-in for {job.model.path} to TINY"
-    cfg = load_config(path, [
-        f"model.path={tiny_models[checkpoint]}", f"data.train={dataset}", "data.model_max_length=512",
-        "scaling.num_workers=1", "scaling.use_gpu=false", f"run.storage_path={tmp_path / 'runs'}",
-        "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "train.warmup_steps=0",
-        "checkpoint.every_n_steps=null",
-    ])
+    cfg = load_config(path, _overrides(path, {
+        "model.path": tiny_models[checkpoint], "data.train": dataset, "data.model_max_length": 512,
+        "scaling.num_workers": 1, "scaling.use_gpu": "false", "run.storage_path": tmp_path / "runs",
+        "train.max_steps": 2, "train.micro_batch_size": 2, "train.grad_accum": 1, "train.warmup_steps": 0,
+    }))
     assert cfg.freeze == job.freeze and cfg.lora == job.lora and cfg.strategy == job.strategy  # the job's own map
     rows, _ = processed_rows(cfg)
     session, model = train_locally(cfg, rows)
