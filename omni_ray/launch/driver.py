@@ -130,29 +130,19 @@ def run_location(run: RunConfig, storage: StorageConfig) -> tuple[str, str, obje
     return st.join(local, run.name), local, None
 
 
-def count_rows(source: str, storage: StorageConfig) -> int:
-    if source.endswith((".json", ".jsonl")):
-        from omni_ray.data.formats import iter_records
-
-        return sum(1 for _ in iter_records(source, storage))
-    from omni_ray.data.prepare import read_manifest
-
-    return int(read_manifest(source, storage)["counts"]["accepted"])
-
-
 def train(cfg: Config):
     """Run training under Ray Train; returns Ray's Result (metrics, checkpoint, path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from omni_ray.data.pipeline import build_dataset
+    from omni_ray.data.pipeline import build_dataset, count_rows
     from omni_ray.train.loop import train_loop_per_worker
 
     validate(cfg)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     if cfg.scaling.use_gpu:
         wait_for_gpus(cfg.scaling)
-    num_rows = count_rows(cfg.data.train, cfg.storage)
+    num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage)
     run_uri, storage_path, filesystem = run_location(cfg.run, cfg.storage)
     trainer = TorchTrainer(
