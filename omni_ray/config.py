@@ -291,6 +291,11 @@ class RunConfig(Section):
 #                                both are given, and read use_lora alone as tune_llm false
 #   the resampler (here: projector) always trains in finetune.py: freeze.projector keeps its
 #   default (full) unless the config's own freeze section says otherwise.
+#   These defaults apply when any of the three flags is given; other flags alone leave the
+#   config's freeze map as it is.
+#   lora_modules_to_save: finetune.py declares it but never hands it to peft; here it has
+#   peft's meaning (those modules train in full beside the adapters), as a freeze override.
+#   lora_bias: peft's meaning (lora.bias): none, all biases, or those of adapted modules train.
 #
 # Flags that set one key here: _FLAG_KEYS. Flags handled together (precision, schedule, the freeze
 # map): map_minicpmv_flags. Flags of the scripts that steer Hugging Face Trainer plumbing with no
