@@ -21,7 +21,7 @@ import torch
 
 from omni_ray.config import load_config
 from omni_ray.data.conversation import IGNORE_INDEX, decode
-from omni_ray.models.spec import all_specs
+from omni_ray.models.spec import all_specs, get_spec
 from omni_ray.models.tiny import BUILDERS, build_tiny
 from local_training import ANSWERS, processed_rows, train_locally, write_dataset
 
@@ -80,6 +80,12 @@ def test_family_overfits_one_batch_and_keeps_frozen_weights(arch, dataset, tmp_p
     check_only_answers_are_labelled(rows, tokenizer)
 
     session, model = train_locally(cfg, rows)
+    # FSDP2 shards each repeated layer on its own (fully_shard renames its class FSDP<class>):
+    # the spec must name the classes the model really uses, in the vision tower and the LLM.
+    spec = get_spec(arch)
+    for group, container in spec.layer_lists.items():
+        name = type(model.get_submodule(container)[0]).__name__
+        assert name.startswith("FSDP") and name.removeprefix("FSDP") in spec.layer_classes, (arch, group, name)
     losses = [r["loss"] for r in session.reports if "loss" in r]
     assert len(losses) == STEPS and losses[-1] <= 0.5 * losses[0], (arch, losses)
 
