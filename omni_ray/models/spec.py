@@ -100,17 +100,11 @@ def _native_minicpmv(name: str, version: str) -> ModelSpec:
             "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
             "projector": ("linear_1", "linear_2"),
         },
-<<<<<<< HEAD
-        # NaViT packing: every slice of every image in a batch is one long row of patches.
-        image_inputs={"pixel_values": -1, "target_sizes": 0},
+        # NaViT packing: every slice of every image (and video frame) in a batch is one long row of patches.
+        image_inputs={"pixel_values": -1, "target_sizes": 0, "pixel_values_videos": -1, "target_sizes_videos": 0},
         # "4x" skips the ViT's insert merger: 4x the image tokens (the model card's finer-detail
         # option). The processor counts tokens and the model merges patches by this one setting.
         config_from_processor={"downsample_mode": ("16x", "4x")},
-=======
-        # NaViT packing: every slice of every image (and video frame) in a batch is one long row of patches.
-        image_inputs={"pixel_values": -1, "target_sizes": 0, "pixel_values_videos": -1, "target_sizes_videos": 0},
-        notes="SigLIP-style ViT with a window-attention merger, MLP merger, Qwen3.5 text model",
->>>>>>> main
     )
 
 
@@ -203,7 +197,7 @@ QWEN3_VL = register(
             "vision": ("qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
             "projector": ("linear_fc1", "linear_fc2"),
         },
-        image_inputs={"pixel_values": 0, "image_grid_thw": 0},
+        image_inputs={"pixel_values": 0, "image_grid_thw": 0, "pixel_values_videos": 0, "video_grid_thw": 0},
     )
 )
 
