@@ -28,6 +28,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from omni_ray.data.conversation import IGNORE_INDEX
 
@@ -98,9 +99,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy summed over label positions: hidden [B, T, H], labels [B, T]."""
     targets = labels[:, 1:].to(hidden.device)
-    keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]
-    t = targets[keep]
+    if is_fake(hidden):  # omni_ray.memory's estimate: shapes only, every position counts as labelled
+        h, t = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    else:
+        keep = targets != IGNORE_INDEX
+        h, t = hidden[:, :-1][keep], targets[keep]
     if fused_loss_backend(hidden.device) == "liger" and t.numel():
         return _liger()(h, weight, t, reduction="sum").float()
     return ChunkedLinearCrossEntropy.apply(h, weight, t, chunk or chunk_tokens(weight.shape[0]))
