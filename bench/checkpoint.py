@@ -31,12 +31,11 @@ def main() -> None:
     import torch
 
     from omni_ray.config import load_config
-    from omni_ray.freeze import apply_plan, param_groups, plan_freeze
-    from omni_ray.models.loading import load_model
-    from omni_ray.models.spec import get_spec
+    from omni_ray.freeze import param_groups
     from omni_ray.models.tiny import build_tiny_minicpmv
     from omni_ray.strategies import build_strategy
     from omni_ray.train import checkpoint as ckpt
+    from omni_ray.train.build import build_trainable_model
     from omni_ray.train.session import LocalSession
 
     root = Path(tempfile.mkdtemp(prefix="omni_ray_bench_ckpt_"))
@@ -49,12 +48,10 @@ def main() -> None:
         "train": {"precision": "fp32"},
     })
     session = LocalSession()
-    spec = get_spec("minicpmv4_6")
-    model = load_model(cfg.model, spec, str(model_dir))
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora, 1e-4)
-    model = apply_plan(model, plan, cfg.lora)
+    built = build_trainable_model(cfg.model, cfg.freeze, cfg.lora, cfg.train)
+    plan = built.plan
     strategy = build_strategy(cfg.strategy, cfg.train, session.device)
-    model = strategy.wrap(model, spec)
+    model = strategy.wrap(built.model, built.spec)
     strategy.setup_optimizer(param_groups(model, plan, 0.0), 10)
     for p in strategy.optimizer_params:  # one step, so the optimizer holds its real state
         p.grad = torch.ones_like(p)

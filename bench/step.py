@@ -4,9 +4,9 @@ Same tiny MiniCPM-V (``omni_ray.models.tiny``), same batch (synthetic colour sam
 ``SampleProcessor`` and ``collate``), same freeze map (``plan_freeze`` + ``apply_plan``: vision
 frozen, projector full, LLM LoRA), same precision, one process, side by side:
 
-  omni_ray  what ``omni_ray.train.loop`` does per optimizer step, in a ``LocalSession`` (world
-            size 1, gloo or nccl) with the FSDP2 strategy: batch to device, forward, token loss,
-            backward, clip + AdamW step + LR schedule, zero_grad, the token count all-reduce;
+  omni_ray  ``omni_ray.train.step.train_step``, the function the training loop calls for each
+            optimizer step, in a ``LocalSession`` (world size 1, gloo or nccl) with the FSDP2 engine:
+            zero_grad, batch to device, forward, token loss, backward, clip + AdamW step + LR schedule;
   hf        ``transformers.Trainer.train()``, timed per optimizer step by a TrainerCallback
             (``on_step_begin`` .. ``on_step_end``: batch to device, forward with the model's own
             loss, backward, clip, optimizer and scheduler step, zero_grad).
@@ -50,7 +50,7 @@ def build(root: Path, batch: int, precision: str, lr: float):
     from omni_ray.data.synthetic import make_color_dataset
     from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
     from omni_ray.models.tiny import build_tiny_minicpmv
-    from omni_ray.train.loop import keep_alive_sample
+    from omni_ray.train.batches import keep_alive_sample
 
     model_dir = build_tiny_minicpmv(root / "model")
     train_jsonl, _ = make_color_dataset(root / "data", n_train=batch, n_eval=1)
@@ -80,19 +80,15 @@ def build(root: Path, batch: int, precision: str, lr: float):
 
 
 def fresh_model(cfg, spec):
-    """The base model with the freeze map applied (LoRA adapters from the same seed)."""
-    from omni_ray.freeze import apply_plan, plan_freeze
-    from omni_ray.models.loading import load_model, local_model_dir
+    """The base model with the freeze map applied (LoRA adapters from the same seed), as training builds it."""
+    from omni_ray.train.build import build_trainable_model
 
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model, spec, local_model_dir(cfg.model))
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
-                       cfg.train.lr)
-    return apply_plan(model, plan, cfg.lora), plan
+    built = build_trainable_model(cfg.model, cfg.freeze, cfg.lora, cfg.train)
+    return built.model, built.plan
 
 
 class OmniRayStep:
-    """What ``omni_ray.train.loop`` does per optimizer step, on the FSDP2 strategy, world size 1."""
+    """``omni_ray.train.step.train_step``, the function the loop calls, on the FSDP2 engine, world size 1."""
 
     def __init__(self, cfg, spec, batch: dict, total_steps: int):
         from omni_ray.freeze import param_groups
@@ -108,21 +104,15 @@ class OmniRayStep:
         self.batch = batch
 
     def run(self, steps: int) -> list[float]:
-        from omni_ray.train.loop import NON_MODEL_KEYS, _all_reduce, token_loss_sum
+        from omni_ray.train.step import train_step
 
-        strategy, batch, device, times = self.strategy, self.batch, self.device, []
+        times = []
         for _ in range(steps):
-            sync(device)
+            sync(self.device)
             start = time.perf_counter()
-            (global_tokens,) = _all_reduce([float(batch["num_label_tokens"])])
-            labels = batch["labels"]
-            inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
-            loss = token_loss_sum(strategy.forward(inputs).logits, labels)
-            strategy.backward(loss / max(global_tokens, 1.0))
-            float(loss.detach())
-            strategy.step()
-            strategy.zero_grad()
-            sync(device)
+            # World size 1: the step's label tokens are this batch's (the loop all-reduces them).
+            train_step(self.strategy, [self.batch], float(self.batch["num_label_tokens"]), 1, self.device)
+            sync(self.device)
             times.append(time.perf_counter() - start)
         return times
 

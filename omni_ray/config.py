@@ -18,13 +18,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from omni_ray.errors import UserError
 from omni_ray.storage import StorageConfig
 
 Mode = Literal["frozen", "full", "lora"]
 GROUPS = ("vision", "projector", "llm", "embeddings", "lm_head")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased as ``key: what is wrong; how to fix it``."""
 
 

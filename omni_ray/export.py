@@ -15,9 +15,10 @@ from pathlib import Path
 
 from omni_ray import storage as st
 from omni_ray.config import load_config
+from omni_ray.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     pass
 
 
@@ -36,6 +37,8 @@ def export(checkpoint: str, out: str, *, adapter: bool = False, storage=None) ->
     from omni_ray.models.loading import load_processor, local_model_dir
     from omni_ray.train.checkpoint import load_trainable, restore_model
 
+    if not st.is_remote(out) and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise ExportError(f"--out {out}: a file is already there; give a new directory (or remove the file)")
     local = _local_checkpoint(checkpoint, storage)
     cfg = load_config(local / "config.yaml")
     storage = storage or cfg.storage

@@ -23,7 +23,7 @@ def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
     from omni_ray.data.pipeline import build_dataset
     from omni_ray.launch.driver import ensure_ray
 
-    ensure_ray(cfg)
+    ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     prepared: dict = {}
     if not source.endswith((".json", ".jsonl")):
         from omni_ray.data.prepare import read_manifest

@@ -11,6 +11,8 @@ end.
 
 from __future__ import annotations
 
+from omni_ray.errors import UserError
+
 __all__ = ["REASONS", "DataError"]
 
 #: Every reason a sample can be rejected for. Stable, snake_case, machine-readable.
@@ -35,7 +37,7 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """One sample is unusable; ``reason`` says why in a word, ``detail`` in a sentence.
 
     Subclasses :class:`ValueError` so code that does not know about omni_ray still treats

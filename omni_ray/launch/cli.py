@@ -2,13 +2,15 @@
 
     omni-ray demo                                   tiny MiniCPM-V, 2 CPU workers, shows it learned
     omni-ray validate CONFIG [--set k=v ...]        config + freeze plan on a meta skeleton, no GPU
+    omni-ray validate --list-archs | --schema       supported architectures; the config's JSON schema
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
     omni-ray data check PREFIX --config CONFIG     run the real preprocessing, report rejects
     omni-ray export CHECKPOINT --out DIR [--adapter]  merged HF model dir, or a PEFT adapter
 
 The same command is a Ray job driver on a cluster: ``ray job submit -- omni-ray train CFG``.
-Exit codes: 0 success, 1 the run failed, 2 bad config or input.
+Exit codes: 0 success, 1 the run failed, 2 bad config or input (one line on stderr naming the
+key or path and what to do; ``--verbose`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 
 from omni_ray.config import Config, ConfigError, load_config
+from omni_ray.errors import UserError
 
 
 def _config(args) -> Config:
@@ -29,6 +32,17 @@ def cmd_validate(args) -> int:
     from omni_ray.freeze import format_plan
     from omni_ray.launch.driver import validate
 
+    if args.list_archs:
+        from omni_ray.models.spec import all_specs
+
+        for spec in all_specs():
+            print(f"{spec.name:<18} model_type {', '.join(spec.model_types)}")
+        return 0
+    if args.schema:
+        print(json.dumps(Config.model_json_schema(), indent=1))
+        return 0
+    if not args.config:
+        raise ConfigError("validate: give a CONFIG file (or --list-archs / --schema)")
     cfg = _config(args)
     result = validate(cfg)
     print(f"model: {cfg.model.path} ({result.spec.name})")
@@ -88,29 +102,40 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from omni_ray.export import ExportError, export
+    from omni_ray.export import export
     from omni_ray.storage import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    try:
-        print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage))
-    except (ExportError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage))
     return 0
+
+
+class _Subparsers:
+    """``add_parser`` that gives every subcommand the common flags (``omni-ray train CFG --verbose``)."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-ray", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="debug logging, Ray's own output, tracebacks")
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True), common)
 
-    def with_config(p):
-        p.add_argument("config", help="YAML config file")
+    def with_config(p, optional: bool = False):
+        p.add_argument("config", nargs="?" if optional else None, help="YAML config file")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=2e-5 (repeatable)")
         return p
 
-    with_config(sub.add_parser("validate", help="check a config and print the freeze plan")).set_defaults(fn=cmd_validate)
+    val = with_config(sub.add_parser("validate", help="check a config and print the freeze plan"), optional=True)
+    val.add_argument("--list-archs", action="store_true", help="print the supported architectures and exit")
+    val.add_argument("--schema", action="store_true", help="print the config's JSON schema and exit")
+    val.set_defaults(fn=cmd_validate)
     with_config(sub.add_parser("train", help="train under Ray Train")).set_defaults(fn=cmd_train)
 
     demo = sub.add_parser("demo", help="train a tiny MiniCPM-V on 2 CPU workers and show it learned")
@@ -127,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
     exp.set_defaults(fn=cmd_export)
 
-    data = sub.add_parser("data", help="prepare and check datasets").add_subparsers(dest="data_command", required=True)
+    data = _Subparsers(sub.add_parser("data", help="prepare and check datasets").add_subparsers(
+        dest="data_command", required=True), common)
     prep = data.add_parser("prepare", help="JSON/JSONL (MiniCPM-V or ShareGPT format) -> Parquet shards")
     prep.add_argument("src")
     prep.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
@@ -145,12 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(err: BaseException) -> str | None:
+    """One line for an expected failure (bad config, storage, data, files), or None for a bug."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        where = err.filename or str(err)
+        return f"{where}: {err.strerror or err}; check the path and its permissions"
+    if isinstance(err, OSError):  # pyarrow's S3 errors: network, credentials, missing bucket
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"storage: {first}; check the s3:// path, storage.endpoint_url, and the credentials on this "
+                "machine (AWS_* variables, a profile or an instance role)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from omni_ray.logs import setup_logging
+
     args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    setup_logging(verbose)
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - expected failures become one line and exit 2
+        message = user_error(err)
+        if message is None or verbose:
+            raise
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

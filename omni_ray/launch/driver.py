@@ -1,8 +1,11 @@
 """The driver: check the config, build the data pipeline, start Ray Train, return the result.
 
 Runs the same on a laptop (no RAY_ADDRESS: a local Ray starts) and as a Ray job driver on a
-cluster (``ray job submit`` sets RAY_ADDRESS). Credentials never travel in the config: the
-S3 environment variables are handed to the workers explicitly through the runtime env.
+cluster (``ray job submit`` sets RAY_ADDRESS). Credentials never travel in the config.
+
+The driver owns the run's location: ``run_location`` turns ``run`` + ``storage`` into the URI
+workers resume from and the (storage_path, filesystem) pair Ray Train writes to; the config
+itself is never rewritten.
 """
 
 from __future__ import annotations
@@ -11,17 +14,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_ray.config import Config, ConfigError
+from omni_ray.config import Config, ConfigError, DataConfig, RunConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
+from omni_ray.storage import StorageConfig
 
 
 @dataclass
 class Validated:
     spec: ModelSpec
     plan: FreezePlan
-    hf_config: dict
 
 
 def validate(cfg: Config) -> Validated:
@@ -43,47 +46,69 @@ def validate(cfg: Config) -> Validated:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":
         raise ConfigError("model.dtype: fp16 training with FSDP2 keeps fp32 master weights; set model.dtype: float32")
-    return Validated(spec, plan, hf_config)
+    return Validated(spec, plan)
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray sized for this run."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **cfg.storage.worker_env()}
     address = os.environ.get("RAY_ADDRESS")  # set by `ray job submit` and on cluster nodes
     if address:
         # Under `ray job submit` the job's runtime env is already set, and Ray refuses to merge
         # another one into it; workers get credentials from RunConfig.worker_runtime_env.
         ray.init(address=address)
         return
-    # A local Ray on a small machine: the training workers take one logical CPU each and the
-    # preprocessing actors need room beside them, or Ray Data waits forever for a free CPU.
-    per_worker = cfg.scaling.resources_per_worker.get("CPU", 1.0)
-    needed = cfg.scaling.num_workers * per_worker + cfg.data.num_cpus_per_preprocess_task
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env={"env_vars": env},
+    check_local_gpus(scaling)
+    env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **storage.worker_env()}
+    ray.init(num_cpus=local_cpus(scaling, data, os.cpu_count() or 1), runtime_env={"env_vars": env},
              include_dashboard=False)
 
 
-def storage_for_ray(cfg: Config) -> tuple[str, object | None]:
-    """(storage_path, filesystem) for Ray Train's RunConfig."""
+def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:
+    """Logical CPUs for a local Ray: one per training worker, plus room beside them for the
+    preprocessing actors and a Parquet read task. Sized exactly to workers and actors, Ray Data's
+    read tasks never get a CPU and training from prepared shards waits forever."""
+    per_worker = scaling.resources_per_worker.get("CPU", 1.0)
+    needed = scaling.num_workers * per_worker + data.num_cpus_per_preprocess_task + 1
+    return max(cores, int(needed + 0.999))
+
+
+def check_local_gpus(scaling: ScalingConfig) -> None:
+    """A local Ray has exactly this machine's GPUs: asking for more would wait forever."""
+    if not scaling.use_gpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    want = scaling.num_workers * scaling.resources_per_worker.get("GPU", 1.0)
+    if have < want:
+        raise ConfigError(f"scaling.use_gpu: {scaling.num_workers} workers need {want:g} GPUs but this machine has "
+                          f"{have}; set scaling.use_gpu: false to train on CPUs, lower scaling.num_workers, or "
+                          "submit to a GPU cluster (RAY_ADDRESS)")
+
+
+def run_location(run: RunConfig, storage: StorageConfig) -> tuple[str, str, object | None]:
+    """(run URI, storage_path, filesystem): where the run lives, for the workers and for Ray Train."""
     from omni_ray import storage as st
 
-    if st.is_remote(cfg.run.storage_path):
-        fs, path = st.resolve(cfg.run.storage_path, cfg.storage)
-        return path, fs
-    return str(Path(cfg.run.storage_path).expanduser().resolve()), None
+    if st.is_remote(run.storage_path):
+        fs, path = st.resolve(run.storage_path, storage)
+        return st.join(run.storage_path, run.name), path, fs
+    local = str(Path(run.storage_path).expanduser().resolve())  # workers do not share the driver's cwd
+    return st.join(local, run.name), local, None
 
 
-def count_rows(source: str, cfg: Config) -> int:
+def count_rows(source: str, storage: StorageConfig) -> int:
     if source.endswith((".json", ".jsonl")):
         from omni_ray.data.formats import iter_records
 
-        return sum(1 for _ in iter_records(source, cfg.storage))
+        return sum(1 for _ in iter_records(source, storage))
     from omni_ray.data.prepare import read_manifest
 
-    return int(read_manifest(source, cfg.storage)["counts"]["accepted"])
+    return int(read_manifest(source, storage)["counts"]["accepted"])
 
 
 def train(cfg: Config):
@@ -95,15 +120,13 @@ def train(cfg: Config):
     from omni_ray.train.loop import train_loop_per_worker
 
     validate(cfg)
-    ensure_ray(cfg)
-    num_rows = count_rows(cfg.data.train, cfg)
+    ensure_ray(cfg.scaling, cfg.data, cfg.storage)
+    num_rows = count_rows(cfg.data.train, cfg.storage)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage)
-    storage_path, filesystem = storage_for_ray(cfg)
-    if filesystem is None:  # workers do not share the driver's working directory
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path})})
+    run_uri, storage_path, filesystem = run_location(cfg.run, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows, "run_uri": run_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

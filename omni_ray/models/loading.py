@@ -21,12 +21,18 @@ CACHE_DIR = Path(os.environ.get("OMNI_RAY_CACHE", "~/.cache/omni_ray")).expandus
 def read_hf_config(model: ModelConfig, storage: StorageConfig | None = None) -> dict:
     path = model.path.rstrip("/") + "/config.json"
     try:
-        if is_remote(path):
-            return json.loads(read_bytes(path, storage))
-        return json.loads(Path(path).expanduser().read_text())
-    except FileNotFoundError:
+        raw = read_bytes(path, storage) if is_remote(path) else Path(path).expanduser().read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"model.path: no config.json at {model.path!r}; point it at a Hugging Face checkpoint "
                           "directory (local or s3://bucket/prefix)") from None
+    except OSError as err:  # S3: network, credentials, missing bucket; local: permissions
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model.path: cannot read {path} ({first}); check the path, storage.endpoint_url and "
+                          "this machine's storage credentials") from None
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise ConfigError(f"model.path: {path} is not valid JSON ({err}); is this a Hugging Face checkpoint?") from None
 
 
 def resolve_spec(model: ModelConfig, hf_config: dict) -> ModelSpec:

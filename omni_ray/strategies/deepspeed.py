@@ -55,13 +55,15 @@ CPU hosts. On its CPU accelerator DeepSpeed would compile a shared-memory all-re
 first sets up communication (minutes on a small machine); training does not use it (gloo does
 the collectives), so the strategy marks it unavailable first (``skip_cpu_shm_comm_build``).
 
-The freeze audit. Under ZeRO the torch optimizer holds flat partitions, not the parameters, so
-``optimizer_state()`` returns ``{}``. The audit still proves what it must: ``optimizer_params``
-lists the parameters DeepSpeed's ZeRO optimizer actually manages (its fp16/bit16 groups, read
-back from the engine after ``initialize``), and a frozen parameter in that list is an audit
-failure; a frozen parameter with a ``.grad`` is one too. Frozen parameters are never handed to
-the optimizer (``freeze.param_groups`` skips them, and ``setup_optimizer`` checks it), so ZeRO
-allocates neither fp32 master copies, gradient partitions nor Adam state for them.
+The freeze audit. Under ZeRO the torch optimizer holds flat partitions, not the parameters;
+``optimizer_state()`` translates them back (``zero_state.local_state``: each parameter's
+fragment of the Adam state on this rank), and ``optimizer_params`` lists the parameters
+DeepSpeed's ZeRO optimizer actually manages (its fp16/bit16 groups, read back from the engine
+after ``initialize``). A frozen parameter in either, or with a ``.grad``, fails the audit.
+Frozen parameters are never handed to the optimizer (``freeze.param_groups`` skips them, and
+``setup_optimizer`` checks it), so ZeRO allocates neither fp32 master copies, gradient
+partitions nor Adam state for them. The translation to and from full per-name tensors for
+checkpoints lives in ``omni_ray.strategies.zero_state``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ import torch.distributed as dist
 
 from omni_ray.config import ConfigError, StrategyConfig, TrainConfig
 from omni_ray.models.spec import ModelSpec
-from omni_ray.strategies.base import Strategy, make_scheduler
+from omni_ray.strategies import zero_state
+from omni_ray.strategies.base import StepStats, Strategy, make_scheduler
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -169,9 +172,6 @@ def build_cpu_adam(groups: list[dict], train: TrainConfig):
         ) from err
 
 
-ADAM_STATE = ("exp_avg", "exp_avg_sq")
-
-
 def _plain_attrs(obj) -> dict:
     return {k: v for k, v in vars(obj).items() if isinstance(v, (bool, int, float))}
 
@@ -218,7 +218,7 @@ class DeepSpeedStrategy(Strategy):
         self.model = model
         return model
 
-    def setup_optimizer(self, param_groups: list[dict], total_steps: int):
+    def setup_optimizer(self, param_groups: list[dict], total_steps: int) -> None:
         import deepspeed
 
         groups = [{k: v for k, v in g.items() if k not in ("names", "group")} for g in param_groups]
@@ -238,7 +238,6 @@ class DeepSpeedStrategy(Strategy):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config)
         self.optimizer_params = self._managed_params(groups)
-        return self.optimizer
 
     def _managed_params(self, groups: list[dict]) -> list:
         """The parameters ZeRO keeps fp32 masters, gradients and optimizer state for."""
@@ -259,14 +258,14 @@ class DeepSpeedStrategy(Strategy):
         # The loop has normalised the loss for the whole optimizer step; GAS is 1, so no rescaling.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> dict:
-        """One optimizer step (DeepSpeed clips; fp16 overflow skips it). Returns grad_norm, skipped."""
+    def step(self) -> StepStats:
+        """One optimizer step (DeepSpeed clips; fp16 overflow skips it)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         skipped = not self.engine.was_step_applied()
         self.skipped_total += int(skipped)
-        return {"grad_norm": norm, "skipped": skipped, "skipped_total": self.skipped_total}
+        return StepStats(norm, skipped, self.skipped_total)
 
     def zero_grad(self) -> None:
         pass  # the engine zeroes gradients in step(); module .grad stays None under ZeRO-2/3
@@ -322,80 +321,30 @@ class DeepSpeedStrategy(Strategy):
             else:
                 param.data.copy_(value.to(param.dtype))
 
-    def _flat_partitions(self) -> list[torch.Tensor]:
-        """This rank's flat fp32 partitions: the tensors the torch optimizer steps and keeps state for."""
-        zero = self.engine.optimizer
-        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
-            flats = getattr(zero, attr, None)
-            if flats:
-                return list(flats)
-        raise RuntimeError(f"{type(zero).__name__}: no flat fp32 partitions found; is ZeRO enabled?")
-
-    def _ensure_optimizer_state(self) -> None:
-        """Create the (zero) Adam state of every flat partition if no step has run yet: torch's
-        Adam creates it lazily, and DeepSpeed's per-parameter state accessors need it."""
-        state = self.torch_optimizer.state
-        for flat in self._flat_partitions():
-            if not state.get(flat):
-                step = 0 if self.cfg.offload_optimizer else torch.tensor(0.0)  # DeepSpeedCPUAdam counts in int
-                state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-        zero = self.engine.optimizer
-        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-            # ZeRO-1/2 maps each parameter's fragment of the Adam state once, right after the first
-            # group's first step, when later groups have no state yet; map again now that all have.
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
-
-    def _adam_step(self) -> float:
-        steps = [float(s["step"]) for s in self.torch_optimizer.state.values() if "step" in s]
-        return max(steps, default=0.0)
-
-    def save_state(self, rank: int) -> dict | None:
+    def save_state(self, rank: int, include_optimizer: bool = True) -> dict | None:
         """Optimizer state by parameter name, full fp32 tensors (loads onto any world size, and has the
         layout of FSDP2's full optimizer state dict), scheduler, fp16 loss scaler. Collective."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        self._ensure_optimizer_state()
-        step = torch.tensor(self._adam_step())
-        per_param = {}
-        for name, param in self._named_params():
-            if not param.requires_grad:
-                continue
-            entry = {"step": step.clone()}
-            for key in ADAM_STATE:
-                value = safe_get_full_optimizer_state(param, key)  # collective
-                if rank == 0:
-                    entry[key] = value.detach().to("cpu").clone()
-            per_param[name] = entry
+        optimizer = None
+        if include_optimizer:
+            self._ensure_state()
+            per_param = zero_state.full_state_by_name(self._named_params(), rank, zero_state.adam_step(self.torch_optimizer))
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                      for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
+            optimizer = {"state": per_param, "param_groups": groups}
         if rank != 0:
             return None
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
-                  for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
         scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.half_dtype == torch.float16 else None
-        return {"optimizer": {"state": per_param, "param_groups": groups},
-                "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "ds_loss_scaler": _plain_attrs(scaler) if scaler is not None else None,
                 "skipped_total": self.skipped_total}
 
     def load_state(self, state: dict) -> None:
         """Restore what ``save_state`` wrote (or FSDP2's full optimizer state). Every rank, after
         ``setup_optimizer``; local (each rank copies its partitions out of the full tensors)."""
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        self._ensure_optimizer_state()
-        saved = state["optimizer"]["state"]
-        missing = [n for n, p in self._named_params() if p.requires_grad and n not in saved]
-        if missing:
-            raise ValueError(f"the checkpoint's optimizer state has no entry for trained parameters {missing[:3]}; "
-                             "was it written with another freeze map?")
-        for name, param in self._named_params():
-            if param.requires_grad:
-                for key in ADAM_STATE:
-                    safe_set_full_optimizer_state(param, saved[name][key].to(self.device, torch.float32), key)
-        step = max((float(e["step"]) for e in saved.values()), default=0.0)
-        for flat_state in self.torch_optimizer.state.values():
-            old = flat_state["step"]
-            flat_state["step"] = int(step) if isinstance(old, int) else torch.tensor(step, dtype=old.dtype)
+        if state.get("optimizer") is not None:
+            self._ensure_state()
+            zero_state.load_full_state(self._named_params(), state["optimizer"]["state"], self.torch_optimizer,
+                                       self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         # LambdaLR.load_state_dict restores its counters, not the groups' lr: set the lr of the next step.
         for group, lr in zip(self.torch_optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -406,8 +355,15 @@ class DeepSpeedStrategy(Strategy):
                 setattr(scaler, key, value)
         self.skipped_total = int(state.get("skipped_total", 0))
 
+    def _ensure_state(self) -> None:
+        zero_state.ensure_state(self.torch_optimizer, self.engine.optimizer, int_step=self.cfg.offload_optimizer)
+
     def optimizer_state(self) -> dict:
-        return {}  # ZeRO's state is per flat partition, not per parameter; see the module docstring
+        """Parameter -> this rank's fragment of its Adam state (ZeRO keeps it per flat partition)."""
+        if not self.torch_optimizer.state:  # torch's Adam creates state at the first step
+            return {}
+        self._ensure_state()  # links every group's per-parameter fragments, not only the first's
+        return zero_state.local_state(self.optimizer_params)
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

@@ -10,17 +10,20 @@ import torch
 
 from omni_ray.config import StrategyConfig, TrainConfig
 from omni_ray.models.spec import ModelSpec
-from omni_ray.strategies.base import Strategy, make_scheduler
+from omni_ray.strategies.base import StepStats, Strategy, make_scheduler
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    supports_sharded_checkpoint = True
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
         self.cfg, self.train, self.device = cfg, train, device
         self.scaler = None
+        self.optimizer_params: list = []
+        self.skipped_total = 0
 
     def wrap(self, model, spec: ModelSpec):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -45,13 +48,12 @@ class FSDPStrategy(Strategy):
             self.scaler = GradScaler(self.device.type)
         return model
 
-    def setup_optimizer(self, param_groups: list[dict], total_steps: int):
-        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
+    def setup_optimizer(self, param_groups: list[dict], total_steps: int) -> None:
+        groups = [{k: v for k, v in g.items() if k not in ("names", "group")} for g in param_groups]
         self.optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay,
                                            foreach=self.device.type != "cpu")
         self.scheduler = make_scheduler(self.optimizer, self.train, total_steps)
         self.optimizer_params = [p for g in groups for p in g["params"]]
-        return self.optimizer
 
     def forward(self, batch: dict):
         return self.model(**batch)
@@ -59,8 +61,8 @@ class FSDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> dict:
-        """Clip, step, zero. Returns grad_norm and whether the step was skipped (fp16 overflow)."""
+    def step(self) -> StepStats:
+        """Clip, step, advance the schedule; an fp16 step whose gradients overflowed is skipped."""
         params = self.optimizer_params
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -76,7 +78,8 @@ class FSDPStrategy(Strategy):
         else:
             self.optimizer.step()
         self.scheduler.step()
-        return {"grad_norm": float(norm), "skipped": skipped}
+        self.skipped_total += int(skipped)
+        return StepStats(float(norm), skipped, self.skipped_total)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -130,7 +133,7 @@ class FSDPStrategy(Strategy):
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True)
                                          ) if include_optimizer else None
         state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None}
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "skipped_total": self.skipped_total}
         return state if rank == 0 else None
 
     def load_state(self, state: dict) -> None:
@@ -142,6 +145,7 @@ class FSDPStrategy(Strategy):
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self.skipped_total = int(state.get("skipped_total", 0))
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 
 from omni_ray.config import Config, dump_config
+from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unfinished, damaged, or made for another model."""
+
 
 MANIFEST = "manifest.json"
 STATE = "train_state.pt"
@@ -60,7 +65,7 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_st
     trainable_only = cfg.checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
-    sharded = not trainable_only and hasattr(strategy, "save_sharded")
+    sharded = not trainable_only and strategy.supports_sharded_checkpoint
     if sharded or rank == 0:
         path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_r{rank}_"))
     if sharded:
@@ -129,11 +134,13 @@ def manifest_step(path: str | Path) -> int:
 def read_manifest(path: str | Path) -> dict:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
-        raise FileNotFoundError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used")
+        raise CheckpointError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used; "
+                              "pick an earlier checkpoint_* directory of the run")
     manifest = json.loads(manifest.read_text())
     for name, digest in manifest["files"].items():
         if _sha256(Path(path) / name) != digest:
-            raise ValueError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is damaged")
+            raise CheckpointError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is "
+                                  "damaged: pick an earlier checkpoint_* directory of the run")
     return manifest
 
 
@@ -160,7 +167,7 @@ def load(path: str | Path, base_dir: str | Path) -> dict:
     """Everything a resumed run needs; refuses a checkpoint made on another base model."""
     manifest = read_manifest(path)
     if manifest["base_fingerprint"] != base_fingerprint(base_dir):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was trained from base model {manifest['base_model']} with another content fingerprint; "
             "resume with the same model.path, or start a new run (another run.name)"
         )
@@ -176,15 +183,12 @@ def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):
 
     Returns (model, spec, plan). Without a checkpoint this is the model as training starts.
     """
-    from omni_ray.freeze import apply_plan, plan_freeze
-    from omni_ray.models.loading import load_model, local_model_dir, read_hf_config, resolve_spec
+    from omni_ray.train.build import build_trainable_model
 
-    spec = resolve_spec(cfg.model, read_hf_config(cfg.model, cfg.storage))
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model, spec, local_model_dir(cfg.model, cfg.storage))
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
-                       cfg.train.lr)
-    model = apply_plan(model, plan, cfg.lora)
+    # Outside training: a full-precision base (a QLoRA run's adapters merge into it), no checkpointing.
+    built = build_trainable_model(cfg.model, cfg.freeze, cfg.lora.model_copy(update={"qlora": False}),
+                                  cfg.train.model_copy(update={"gradient_checkpointing": False}), cfg.storage)
+    model, spec, plan = built.model, built.spec, built.plan
     if checkpoint_dir is not None:
         tensors = load_trainable(checkpoint_dir)
         result = model.load_state_dict(tensors, strict=False)

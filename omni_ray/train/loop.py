@@ -1,285 +1,176 @@
 """The training recipe, top to bottom: one worker's view of a run.
 
-    setup    load the checkpoint, plan and apply the freeze map, wrap (FSDP2 | ZeRO), optimizer
-    loop     shard iterator -> collate -> forward/backward x grad_accum -> clip, step -> report
-    audit    after the first step: the freeze map held under the engine (every rank)
-    save     trainable-only checkpoint at every_n_steps and at the end
+    build    build_trainable_model (load, freeze plan, LoRA) -> engine.wrap -> engine.setup_optimizer
+    resume   the newest whole checkpoint: trained tensors, optimizer, schedule, RNG, data position
+    loop     EpochBatches.next_step -> train_step -> FreezeGuard.after_step (audit after step 1)
+    report   every train.log_every steps: metrics over all ranks -> policy: stop for bad data?
+             checkpoint now (on schedule, on a preemption notice, at the end)?
 
 Ray Train starts ``train_loop_per_worker`` once per worker; ``run`` takes any session (see
-``omni_ray.train.session``), so the same loop runs as a single plain process:
+``omni_ray.train.session``), so the same loop runs as a single plain process::
 
     from omni_ray.train.loop import run; from omni_ray.train.session import LocalSession
+    run(cfg, LocalSession(datasets={"train": ListIterator(rows)}), num_rows=len(rows))
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import Counter
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from omni_ray.config import Config
-from omni_ray.data.collate import collate
-from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor, decode
+from omni_ray.data.conversation import SampleProcessor
 from omni_ray.data.errors import REASONS
-from omni_ray.freeze import apply_plan, audit, format_audit, frozen_fingerprint, param_groups, plan_freeze
-from omni_ray.models.loading import load_model, load_processor, local_model_dir, read_hf_config, resolve_spec
+from omni_ray.freeze import param_groups
+from omni_ray.models.loading import load_processor
 from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
+from omni_ray.train.batches import Batcher, EpochBatches, TrainState
+from omni_ray.train.build import build_trainable_model
+from omni_ray.train.guard import FreezeGuard
+from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
+from omni_ray.train.resume import gather_ids, pick_checkpoint
+from omni_ray.train.step import StepResult, train_step
 
-NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
+log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    from omni_ray.logs import setup_logging
     from omni_ray.train.session import RaySession
 
-    run(Config.model_validate(loop_config["config"]), RaySession(), loop_config["num_rows"])
+    setup_logging()
+    run(Config.model_validate(loop_config["config"]), RaySession(), loop_config["num_rows"], loop_config["run_uri"])
 
 
-def keep_alive_sample(sample_processor: SampleProcessor) -> dict:
-    """A processed one-image sample used to run the vision path in image-free batches (see collate)."""
-    from PIL import Image
+def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict:
+    """Train on this rank until the schedule ends; returns the last metrics reported."""
+    built = build_trainable_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage)
+    engine = build_strategy(cfg.strategy, cfg.train, session.device)
+    model = engine.wrap(built.model, built.spec)
+    total_steps = total_optimizer_steps(cfg.train, num_rows, session.world_size)
+    engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
+    guard = FreezeGuard(engine, built.plan, session.rank)
+    state = resume(session, engine, run_uri, cfg, built.local_dir)
 
-    image = Image.new("RGB", (28, 28))
-    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "."}]
-    return sample_processor(messages, [image])
+    processor = load_processor(cfg.model, built.local_dir)
+    batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec)
+    batches = EpochBatches(session.dataset_shard("train"), batcher, cfg.train, cfg.data, state)
+    meter, last = Meter(), {}
+    while not schedule_done(state.step, state.epoch, total_steps, cfg.train):
+        micro = batches.next_step(cfg.train.grad_accum)
+        # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
+        # after a resume onto another world size) trains on an empty batch until all are done.
+        step_tokens, ranks_with_data = _all_reduce([sum(int(b["num_label_tokens"]) for b in micro), bool(micro)])
+        if ranks_with_data == 0:  # the epoch is over on every rank
+            batches.next_epoch()
+            continue
+        meter.add(train_step(engine, micro or [batcher.empty], step_tokens, session.world_size, session.device))
+        state.step += 1
+        guard.after_step()
+        if should_log(state.step, total_steps, cfg.train.log_every):
+            last = meter.report(state, batches, engine, guard, total_steps)
+            if session.rank == 0:
+                log_step(last)
+            stop = bad_data_error(last["rejected"], last["samples_seen"], cfg.data.max_bad_fraction)
+            if stop:
+                raise RuntimeError(stop)
+            # A spot node about to go: checkpoint now, so at most the steps since the last report
+            # are lost (every rank asks equally often: it is a barrier).
+            if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, session.preemption_notice()):
+                save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, total_steps)
+            else:
+                session.report(last)
+    if state.saved_at != state.step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
+        last = {**last, "step": state.step, "epoch": state.epoch}
+        save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, state.step)
+    return last
+
+
+def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> TrainState:
+    """Restore the newest whole checkpoint into the engine; the fresh state when there is none.
+
+    After a lost worker, or when the same command runs again with the same run name: the newer
+    of Ray Train's registered checkpoint and the newest whole one in storage; ``ckpt.load``
+    checks every file against the manifest and the base model's fingerprint.
+    """
+    path = pick_checkpoint(session.latest_checkpoint(), run_uri, cfg.storage, session.rank)
+    if path is None:
+        return TrainState()
+    saved = ckpt.load(path, base_dir)
+    if saved["sharded_dir"]:
+        engine.load_sharded(saved["sharded_dir"])
+    else:
+        engine.load_trainable(saved["tensors"])
+    engine.load_state(saved["train_state"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=set(saved["consumed_ids"]),
+                       resumed_from=saved["step"], saved_at=saved["step"])
+    if session.rank == 0:
+        log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
+                 path, state.step, state.epoch, len(state.consumed))
+    return state
+
+
+def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, metrics: dict,
+                    base_dir: str, total_steps: int) -> None:
+    """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
+    guard.check_frozen()
+    metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
+    train_state = {"epoch": state.epoch, "consumed_ids": gather_ids(state.consumed),
+                   "rng": {"torch": torch.get_rng_state()}}
+    path = ckpt.save(engine, guard.plan, cfg, state.step, session.rank, train_state, base_dir)
+    # The last one uploads synchronously so the run ends with it in storage.
+    final = state.step >= total_steps
+    session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
+    state.saved_at = state.step
+
+
+class Meter:
+    """Step results since the last report, turned into metrics summed over all ranks."""
+
+    def __init__(self):
+        self.results: list[StepResult] = []
+        self.since = time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.results.append(result)
+
+    def report(self, state: TrainState, batches: EpochBatches, engine, guard: FreezeGuard, total_steps: int) -> dict:
+        """Metrics over all ranks (collective: every rank calls it at the same step)."""
+        r = self.results
+        local = [sum(x.loss_sum for x in r), sum(x.label_tokens for x in r), sum(x.samples for x in r),
+                 sum(x.tokens for x in r), batches.seen, sum(x.keep_alive_batches for x in r)]
+        totals = _all_reduce(local + [batches.rejected[reason] for reason in REASONS])
+        elapsed = time.perf_counter() - self.since
+        stats = r[-1].stats
+        metrics = {
+            "step": state.step, "epoch": state.epoch, "total_steps": total_steps,
+            "loss": totals[0] / max(totals[1], 1.0), "lr": engine.current_lr(), "grad_norm": stats.grad_norm,
+            "skipped_steps": stats.skipped_total,
+            "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
+            "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
+            "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[6:]) if v},
+            "audit": guard.summary, "resumed_from_step": state.resumed_from,
+        }
+        self.results, self.since = [], time.perf_counter()
+        return metrics
+
+
+def log_step(m: dict) -> None:
+    log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s%s",
+             m["step"], m["total_steps"], m["epoch"], m["loss"], m["lr"], m["grad_norm"], m["samples_per_s"],
+             m["tokens_per_s"], f" rejected {m['rejected']}" if m["rejected"] else "")
 
 
 def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions (float32 for a stable softmax)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def run(cfg: Config, session, num_rows: int) -> dict:
-    rank, world = session.rank, session.world_size
-    device = session.device
-    torch.manual_seed(cfg.train.seed)  # same seed on every rank: LoRA adapters start identical
-
-    # --- model: load, freeze map, engine ----------------------------------------------------
-    local_dir = local_model_dir(cfg.model, cfg.storage)
-    spec = resolve_spec(cfg.model, read_hf_config(cfg.model, cfg.storage))
-    model = load_model(cfg.model, spec, local_dir, qlora=cfg.lora.qlora)
-    if cfg.lora.qlora:  # norms in fp32, input grads on, for training adapters over a 4-bit base
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, cfg.freeze, cfg.lora,
-                       cfg.train.lr)
-    model = apply_plan(model, plan, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    strategy = build_strategy(cfg.strategy, cfg.train, device)
-    model = strategy.wrap(model, spec)
-    fingerprint = frozen_fingerprint(model)
-
-    # world_size workers each take micro_batch_size samples grad_accum times per optimizer step.
-    samples_per_step = world * cfg.train.micro_batch_size * cfg.train.grad_accum
-    steps_per_epoch = max(1, -(-num_rows // samples_per_step))  # the last step of an epoch may be short
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    strategy.setup_optimizer(param_groups(model, plan, cfg.train.weight_decay), total_steps)
-
-    processor = load_processor(cfg.model, local_dir)
-    sample_processor = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
-    keep_alive = keep_alive_sample(sample_processor)
-    pad_id = sample_processor.tokenizer.pad_token_id or 0
-
-    # --- resume -------------------------------------------------------------------------------
-    # After a lost worker, or when the same command runs again with the same run name: the newer
-    # of Ray Train's registered checkpoint and the newest whole one in storage (_pick_checkpoint);
-    # ckpt.load checks every file against the manifest and the base model's fingerprint.
-    step, epoch, consumed = 0, 0, set()
-    resumed = _pick_checkpoint(session, cfg)
-    resumed_step = None
-    if resumed:
-        state = ckpt.load(resumed, local_dir)
-        if state["sharded_dir"]:
-            strategy.load_sharded(state["sharded_dir"])
-        else:
-            strategy.load_trainable(state["tensors"])
-        strategy.load_state(state["train_state"])
-        step, epoch, consumed = state["step"], state["epoch"], set(state["consumed_ids"])
-        resumed_step = step
-        torch.set_rng_state(state["rng"]["torch"])
-        if rank == 0:
-            print(f"[omni-ray] resumed from {resumed}: step {step}, epoch {epoch}, "
-                  f"{len(consumed)} samples of this epoch already trained", flush=True)
-
-    # --- data ---------------------------------------------------------------------------------
-    shard = session.dataset_shard("train")
-    rejected: Counter = Counter()
-    seen = 0
-
-    def epoch_batches(epoch: int, skip: set):
-        """This rank's micro-batches for one epoch: (ids, batch); rows trained before a resume skipped.
-
-        The shuffle is a function of (seed, epoch) over this rank's stream, and skipping happens
-        after it, so a resumed run sees exactly the rows the interrupted one had not reached.
-        """
-        nonlocal seen
-        for rows in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
-                                       prefetch_batches=2, local_shuffle_buffer_size=(
-                                           cfg.data.shuffle_buffer if cfg.data.shuffle else None),
-                                       local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle else None):
-            ids, samples = [], []
-            for i, reason in enumerate(rows["reason"]):
-                sample_id = str(rows["id"][i])
-                if sample_id in skip:
-                    continue
-                ids.append(sample_id)
-                seen += 1
-                if reason:
-                    rejected[str(reason)] += 1
-                else:
-                    samples.append(decode(rows["sample"][i]))
-            if ids:
-                yield ids, collate(samples, spec.image_inputs, pad_id, keep_alive)
-
-    empty_batch = collate([], spec.image_inputs, pad_id, keep_alive)  # a rank out of data runs this
-
-    # --- loop ---------------------------------------------------------------------------------
-    audited = False
-    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-    keep_alive_batches = 0  # image-free batches that ran the vision path on the dummy row
-    last: dict = {}
-    batches = epoch_batches(epoch, consumed)
-    max_epochs = None if cfg.train.max_steps else cfg.train.epochs
-    saved_at = step if resumed else -1
-
-    def save_and_report(metrics: dict, final: bool) -> None:
-        nonlocal saved_at
-        metrics["frozen_unchanged"] = frozen_fingerprint(model) == fingerprint
-        train_state = {"epoch": epoch, "consumed_ids": _gather_ids(consumed), "rng": {"torch": torch.get_rng_state()}}
-        path = ckpt.save(strategy, plan, cfg, step, rank, train_state, local_dir)
-        # The last one uploads synchronously so the run ends with it in storage.
-        session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
-        saved_at = step
-
-    while step < total_steps and (max_epochs is None or epoch < max_epochs):
-        micro, ids = [], []
-        for _ in range(cfg.train.grad_accum):
-            item = next(batches, None)
-            if item is not None:
-                ids += item[0]
-                micro.append(item[1])
-        # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
-        # after a resume onto another world size) trains on an empty batch until all are done.
-        local_tokens = float(sum(int(b["num_label_tokens"]) for b in micro))
-        global_tokens, ranks_with_data = _all_reduce([local_tokens, float(bool(micro))])
-        if ranks_with_data == 0:  # epoch over on every rank
-            epoch, consumed = epoch + 1, set()
-            batches = epoch_batches(epoch, consumed)
-            continue
-        consumed.update(ids)
-        micro = micro or [empty_batch]
-        # Normalise by the label tokens of the whole optimizer step on all ranks, so every
-        # token weighs the same whatever the batch split, world size or engine.
-        loss_sum = 0.0
-        for batch in micro:
-            labels = batch["labels"]
-            inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
-            logits = strategy.forward(inputs).logits
-            loss = token_loss_sum(logits, labels)
-            strategy.backward(loss * world / max(global_tokens, 1.0))
-            loss_sum += float(loss.detach())
-            keep_alive_batches += int(batch["keep_alive"])
-            window_samples += int((batch["labels"] != IGNORE_INDEX).any(1).sum())
-            window_tokens += int(batch["attention_mask"].sum())
-        stats = strategy.step()
-        step += 1
-        if not audited:  # gradients and optimizer state exist now: check the freeze map held
-            rows = audit(strategy.unwrapped(), plan, strategy.optimizer_params, strategy.optimizer_state())
-            if rank == 0:
-                print(format_audit(rows), flush=True)
-            audit_summary = {r.group: {"planned": r.planned_trainable, "trainable": r.trainable} for r in rows}
-            audited = True
-        strategy.zero_grad()
-
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            reasons = REASONS  # a fixed vector: every rank all-reduces the same shape
-            totals = _all_reduce([loss_sum, local_tokens, window_samples, window_tokens, seen, keep_alive_batches]
-                                 + [rejected[r] for r in reasons])
-            elapsed = time.perf_counter() - window_start
-            last = {
-                "step": step, "epoch": epoch,
-                "loss": totals[0] / max(totals[1], 1.0),
-                "lr": strategy.current_lr(), "grad_norm": stats["grad_norm"],
-                "skipped_steps": stats.get("skipped_total", int(stats.get("skipped", False))),
-                "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
-                "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
-                "rejected": {r: int(v) for r, v in zip(reasons, totals[6:]) if v},
-                "audit": audit_summary, "resumed_from_step": resumed_step,
-            }
-            if rank == 0:
-                print(f"[omni-ray] step {step}/{total_steps} epoch {epoch} loss {last['loss']:.4f} "
-                      f"lr {last['lr']:.2e} grad_norm {last['grad_norm']:.3f} "
-                      f"{last['samples_per_s']:.1f} samples/s {last['tokens_per_s']:.0f} tokens/s"
-                      + (f" rejected {last['rejected']}" if last["rejected"] else ""), flush=True)
-            bad = sum(last["rejected"].values()) / max(totals[4], 1.0)
-            if bad > cfg.data.max_bad_fraction:
-                raise RuntimeError(
-                    f"data.max_bad_fraction: {bad:.1%} of samples rejected ({last['rejected']}), above "
-                    f"{cfg.data.max_bad_fraction:.1%}; run `omni-ray data check` to see which and why"
-                )
-            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-            # A spot node about to go: checkpoint now, so at most the steps since the last
-            # report are lost (every rank calls this equally often: it is a barrier).
-            preempted = session.preemption_notice()
-            due = bool(cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0)
-            if due or preempted or step == total_steps:
-                save_and_report(last, final=step == total_steps)
-            else:
-                session.report(last)
-    if saved_at != step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
-        last = {**last, "step": step, "epoch": epoch}
-        save_and_report(last, final=True)
-    return last
-
-
-def _pick_checkpoint(session, cfg: Config) -> str | None:
-    """The checkpoint to resume from, as a local directory, the same on every rank.
-
-    The newer of Ray Train's latest registered checkpoint and the newest complete one in the
-    run's storage (see ckpt.find_latest): rank 0 decides, the others follow.
-    """
-    import tempfile
-
-    from omni_ray import storage as st
-
-    registered = session.latest_checkpoint()
-    choice = None
-    if session.rank == 0 and getattr(session, "run_uri", None):
-        found = ckpt.find_latest(session.run_uri(cfg), cfg.storage)
-        registered_step = ckpt.manifest_step(registered) if registered else -1  # ckpt.load verifies it
-        if found and found[0] > registered_step:
-            choice = found[1]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
-    if choice is None:
-        return registered
-    return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), cfg.storage)
-
-
-def _gather_ids(ids: set) -> list[str]:
-    """The union of every rank's consumed sample ids (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return sorted(ids)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, sorted(ids))
-    return sorted(set().union(*parts))
-
-
-__all__ = ["run", "train_loop_per_worker", "token_loss_sum"]
+__all__ = ["run", "train_loop_per_worker"]

@@ -15,24 +15,42 @@ import torch
 
 
 class ListIterator:
-    """A minimal stand-in for Ray's DataIterator over in-memory processed rows (the local session).
+    """Ray's DataIterator, for in-memory processed rows (the local session).
 
-    Yields numpy batches like ``iter_batches(batch_format="numpy")``; ``repeat`` cycles the rows
-    (benchmarks). Shuffle arguments are ignored: the rows come in the order given.
+    Yields numpy batches like ``iter_batches(batch_format="numpy")`` and shuffles like Ray's
+    local shuffle: a buffer of ``local_shuffle_buffer_size`` rows, drawn from at random by a
+    generator seeded with ``local_shuffle_seed``, so local runs see the same kind of seeded,
+    per-epoch order a Ray run does. ``repeat`` cycles the rows (benchmarks).
     """
 
     def __init__(self, rows: list[dict], repeat: bool = False):
         self.rows, self.repeat = rows, repeat
 
-    def iter_batches(self, batch_size: int, **_: Any) -> Iterator[dict]:
+    def iter_batches(self, batch_size: int, local_shuffle_buffer_size: int | None = None,
+                     local_shuffle_seed: int | None = None, **_: Any) -> Iterator[dict]:
         import numpy as np
 
         while True:
-            for start in range(0, len(self.rows), batch_size):
-                chunk = self.rows[start : start + batch_size]
+            rows = list(self._order(local_shuffle_buffer_size, local_shuffle_seed))
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
                 yield {key: np.array([row[key] for row in chunk], dtype=object) for key in chunk[0]}
             if not self.repeat:
                 return
+
+    def _order(self, buffer_size: int | None, seed: int | None) -> Iterator[dict]:
+        if not buffer_size:
+            yield from self.rows
+            return
+        import random
+
+        rng, buffer = random.Random(seed), []
+        for row in self.rows:
+            buffer.append(row)
+            if len(buffer) >= buffer_size:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
 
 
 @dataclass
@@ -50,6 +68,10 @@ class LocalSession:
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # What a launcher sets: DeepSpeed's engine refuses to start without LOCAL_RANK.
+            for name in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(name, "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=0, world_size=1)
 
@@ -62,7 +84,6 @@ class LocalSession:
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, async_upload: bool = False) -> None:
         self.reports.append({**metrics, "checkpoint": checkpoint_dir})
-        print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)
 
     def latest_checkpoint(self) -> str | None:
         return self.checkpoint_dir
@@ -100,14 +121,6 @@ class RaySession:
         mode = ray.train.CheckpointUploadMode.ASYNC if async_upload and checkpoint else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=bool(checkpoint))
-
-    @staticmethod
-    def run_uri(cfg) -> str:
-        """Where Ray Train keeps this run: storage_path/name (local path or s3://)."""
-        from omni_ray import storage as st
-
-        base = cfg.run.storage_path
-        return st.join(base if st.is_remote(base) else os.path.expanduser(base), cfg.run.name)
 
     def preemption_notice(self) -> bool:
         """True on every rank once any worker's node is being reclaimed (a barrier across ranks)."""

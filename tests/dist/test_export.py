@@ -7,16 +7,16 @@ adapters and the fully trained projector hold non-initial values.
 from __future__ import annotations
 
 import pytest
+
+pytestmark = pytest.mark.dist
 import torch
 
 from omni_ray.config import load_config
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import decode
-from omni_ray.data.pipeline import Preprocess, json_rows
 from omni_ray.launch.cli import main
 from omni_ray.train.checkpoint import restore_model
-from omni_ray.train.loop import run
-from omni_ray.train.session import ListIterator, LocalSession
+from trainkit import local_run, processed_rows
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,8 @@ def trained(tiny_minicpmv, color_data, tmp_path_factory):
         "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, "precision": "fp32"},
         "run": {"name": "export"},
     })
-    pre = Preprocess(cfg.model, None, cfg.data.model_max_length)
-    rows = [pre.process_row(r) for r in json_rows(str(train_jsonl), None)]
-    session = LocalSession(datasets={"train": ListIterator(rows)})
-    run(cfg, session, num_rows=len(rows))
+    rows = processed_rows(cfg, train_jsonl)
+    session = local_run(cfg, rows)
     checkpoint = [r["checkpoint"] for r in session.reports if r["checkpoint"]][-1]
     batch = collate([decode(r["sample"]) for r in rows[:4]], {"pixel_values": -1, "target_sizes": 0})
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens", "keep_alive")}

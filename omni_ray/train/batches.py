@@ -1,0 +1,104 @@
+"""The epoch's batches on one rank: read the shard, skip what was trained, count rejects, collate.
+
+Rows arrive preprocessed (``omni_ray.data.pipeline``): each has an ``id``, a ``sample`` blob and
+a ``reason`` that is empty unless the sample was rejected. Rejected rows still flow, so every
+rank sees the same number of rows; here they are counted by reason, never trained on and never
+replaced by another sample.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from omni_ray.config import DataConfig, TrainConfig
+from omni_ray.data.collate import collate
+from omni_ray.data.conversation import SampleProcessor, decode
+from omni_ray.models.spec import ModelSpec
+
+
+def keep_alive_sample(sample_processor: SampleProcessor) -> dict:
+    """A processed one-image sample used to run the vision path in image-free batches (see collate)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (28, 28))
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "."}]
+    return sample_processor(messages, [image])
+
+
+class Batcher:
+    """Collates processed samples for one architecture (padding, image inputs, keep-alive row)."""
+
+    def __init__(self, sample_processor: SampleProcessor, spec: ModelSpec):
+        self.image_inputs = spec.image_inputs
+        self.pad_id = sample_processor.tokenizer.pad_token_id or 0
+        self.keep_alive = keep_alive_sample(sample_processor)
+        self.empty = self(())  # what a rank whose data ran out trains on (labels all ignored)
+
+    def __call__(self, samples) -> dict:
+        return collate(list(samples), self.image_inputs, self.pad_id, self.keep_alive)
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps taken, the epoch, and the rows of this epoch already trained."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: set = field(default_factory=set)
+    resumed_from: int | None = None
+    saved_at: int = -1
+
+
+class EpochBatches:
+    """This rank's micro-batches, epoch after epoch, as ``(ids, batch)``.
+
+    The shuffle is a function of (seed, epoch) over this rank's stream, and skipping trained
+    rows happens after it, so a resumed run sees exactly the rows the interrupted one had not
+    reached.
+    """
+
+    def __init__(self, shard, batcher: Batcher, train: TrainConfig, data: DataConfig, state: TrainState):
+        self.shard, self.batcher, self.train, self.data, self.state = shard, batcher, train, data, state
+        self.seen = 0
+        self.rejected: Counter = Counter()
+        self._it = self._epoch(state.epoch)
+
+    def next_step(self, grad_accum: int) -> list[dict]:
+        """Up to ``grad_accum`` micro-batches; fewer (or none) when this rank's epoch runs out."""
+        micro = []
+        for _ in range(grad_accum):
+            item = next(self._it, None)
+            if item is None:
+                break
+            micro.append(item)
+        return micro
+
+    def next_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.consumed = set()
+        self._it = self._epoch(self.state.epoch)
+
+    def _rows(self, epoch: int):
+        shuffle = self.data.shuffle
+        return self.shard.iter_batches(
+            batch_size=self.train.micro_batch_size, batch_format="numpy", prefetch_batches=2,
+            local_shuffle_buffer_size=self.data.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=self.train.seed + epoch if shuffle else None)
+
+    def _epoch(self, epoch: int):
+        for rows in self._rows(epoch):
+            samples, fresh = [], 0
+            for i, reason in enumerate(rows["reason"]):
+                key = str(rows["id"][i])
+                if key in self.state.consumed:
+                    continue
+                self.state.consumed.add(key)
+                fresh += 1
+                if reason:
+                    self.rejected[str(reason)] += 1
+                else:
+                    samples.append(decode(rows["sample"][i]))
+            self.seen += fresh
+            if fresh:
+                yield self.batcher(samples)

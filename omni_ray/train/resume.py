@@ -1,0 +1,44 @@
+"""Which checkpoint a (re)started run continues from, decided by rank 0 and followed by all.
+
+Ray Train hands a restarted worker group its latest *registered* checkpoint. A checkpoint whose
+upload finished but whose registration did not (the endpoint failed right after, the head went
+away) is still whole when its manifest and files are there, and is the better place to resume
+from: the newer of the two wins.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch.distributed as dist
+
+from omni_ray import storage as st
+from omni_ray.storage import StorageConfig
+from omni_ray.train import checkpoint as ckpt
+
+
+def pick_checkpoint(registered: str | None, run_uri: str | None, storage: StorageConfig | None,
+                    rank: int) -> str | None:
+    """The checkpoint to resume from as a local directory, the same on every rank (collective)."""
+    choice = None
+    if rank == 0 and run_uri:
+        found = ckpt.find_latest(run_uri, storage)
+        registered_step = ckpt.manifest_step(registered) if registered else -1  # ckpt.load verifies it
+        if found and found[0] > registered_step:
+            choice = found[1]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if choice is None:
+        return registered
+    return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), storage)
+
+
+def gather_ids(ids: set) -> list[str]:
+    """The union of every rank's consumed sample ids (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return sorted(ids)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(ids))
+    return sorted(set().union(*parts))

@@ -1,0 +1,63 @@
+"""One optimizer step, the function training runs and the benchmarks time.
+
+``train_step`` takes the micro-batches of one optimizer step on this rank and the number of
+label tokens in the whole step on all ranks (the loop all-reduces it while checking that some
+rank still has data), and returns what the step measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from omni_ray.data.conversation import IGNORE_INDEX
+from omni_ray.strategies.base import StepStats, Strategy
+
+NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss_sum: float
+    """Summed token loss of this rank's micro-batches (divide by label tokens for the mean)."""
+    label_tokens: int
+    samples: int
+    """Samples with at least one label token (keep-alive rows and empty batches do not count)."""
+    tokens: int
+    """Attention-mask tokens processed, image tokens and keep-alive rows included."""
+    keep_alive_batches: int
+    stats: StepStats
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label positions (float32 for a stable softmax)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train_step(engine: Strategy, micro_batches: list[dict], step_tokens: float, world_size: int,
+               device: torch.device) -> StepResult:
+    """Forward and backward every micro-batch, then clip and update.
+
+    Each micro-batch's token-sum loss is divided by ``step_tokens``, the label tokens of the
+    whole optimizer step on all ranks, and multiplied by ``world_size`` because the engines
+    average gradients over ranks: every token weighs the same whatever the batch split, the
+    world size or the engine. Gradients are dropped at the start, not the end, so the freeze
+    audit after the first step sees the real ones.
+    """
+    engine.zero_grad()
+    loss_sum, label_tokens, samples, tokens, keep_alive = 0.0, 0, 0, 0, 0
+    for batch in micro_batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+        loss = token_loss_sum(engine.forward(inputs).logits, batch["labels"])
+        engine.backward(loss * world_size / max(step_tokens, 1.0))
+        loss_sum += float(loss.detach())
+        label_tokens += int(batch["num_label_tokens"])
+        samples += int((batch["labels"] != IGNORE_INDEX).any(1).sum())
+        tokens += int(batch["attention_mask"].sum())
+        keep_alive += int(batch["keep_alive"])
+    return StepResult(loss_sum, label_tokens, samples, tokens, keep_alive, engine.step())
