@@ -201,6 +201,10 @@ class ScalingConfig(Section):
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
     )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one worker's GPU; `omni-ray validate` warns when its estimate is above "
+        "it. Default: the GPU detected on the machine that runs validate."
+    )
 
 
 class RunConfig(Section):

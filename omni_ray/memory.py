@@ -58,11 +58,13 @@ class LiveTensorBytes(TorchDispatchMode):
             del self._refs[key]
             self.live -= nbytes
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, aliases_input: bool) -> None:
         if id(tensor) in self._tracked:  # in-place ops return their input
             return
         storage = tensor.untyped_storage()
         key = (tensor.device.type, storage._cdata)
+        if aliases_input and key not in self._refs:  # a view of a baseline tensor (a weight's .t())
+            return
         self._tracked.add(id(tensor))
         if key in self._refs:  # a view of a storage already counted
             self._refs[key] += 1
@@ -74,9 +76,11 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place ops return tensors on their input's storage: no new bytes.
+        aliases = any(r.alias_info is not None for r in func._schema.returns)
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
-                self._track(item)
+                self._track(item, aliases)
         return out
 
 
@@ -194,6 +198,29 @@ def _fake_forward_backward(build_model: Callable, apply: Callable, batch: int, s
     return tracker.peak, grads
 
 
+# Fake steps cost ~1 ms per op, and the torch fallback of linear attention runs a Python loop per
+# 64-token chunk: sequences longer than this are measured at two lengths and extrapolated.
+MEASURE_TOKENS = (64, 128)
+
+
+def _activations(build_model: Callable, apply: Callable, batch: int, seq_len: int, layout: Layout,
+                 checkpointing: bool) -> int:
+    """Activation bytes (gradients excluded) of one step at ``seq_len``.
+
+    Above ``MEASURE_TOKENS[1]`` the bytes are an affine function of the length (attention runs
+    through SDPA, which keeps no [seq, seq] scores), so two short fake steps fix it.
+    """
+    def measure(tokens: int) -> int:
+        peak, grads = _fake_step(build_model, apply, batch, tokens, layout, checkpointing)
+        return max(0, peak - grads)  # gradients are counted on their own
+
+    short, long = MEASURE_TOKENS
+    if seq_len <= long:
+        return measure(seq_len)
+    at_short, at_long = measure(short), measure(long)
+    return int(at_long + (at_long - at_short) * (seq_len - long) / (long - short))
+
+
 def loss_bytes(tokens: int, vocab: int, compute_dtype: torch.dtype, chunked: bool) -> int:
     """The loss's own memory: full logits (+ their fp32 copy and softmax) or one chunk's worth."""
     from omni_ray.train.loss import chunk_tokens
@@ -217,8 +244,7 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
     runs = {}
     settings = (layout.gradient_checkpointing, not layout.gradient_checkpointing)
     for checkpointing in settings if compare_checkpointing else settings[:1]:
-        peak, fake_grads = _fake_step(build_model, apply, batch, seq_len, layout, checkpointing)
-        runs[checkpointing] = max(0, peak - fake_grads)  # gradients are counted on their own below
+        runs[checkpointing] = _activations(build_model, apply, batch, seq_len, layout, checkpointing)
     notes = []
     if layout.shard_weights and layout.world > 1 and not largest_layer:
         notes.append("the unsharded layer FSDP2/ZeRO-3 gathers at a time is not counted (largest_layer=0)")
@@ -232,6 +258,44 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
         gradient_checkpointing=layout.gradient_checkpointing,
         notes=tuple(notes),
     )
+
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def largest_layer_numel(plan, spec) -> int:
+    """Parameters of the biggest repeated layer: what FSDP2 / ZeRO-3 hold unsharded at once."""
+    sizes: dict[tuple[str, int], int] = {}
+    for p in plan.params:
+        index = spec.layer_index(p.group, p.name)
+        if index is not None:
+            sizes[(p.group, index)] = sizes.get((p.group, index), 0) + p.numel
+    return max(sizes.values(), default=0)
+
+
+def layout_of(model_dtype: str, train, strategy, scaling) -> Layout:
+    """How the configured engine holds the model (train, strategy and scaling sections)."""
+    return Layout(world=scaling.num_workers,
+                  shard_weights=strategy.name == "fsdp" or strategy.zero_stage == 3,
+                  compute_dtype=PRECISION_DTYPES[train.precision], frozen_dtype=getattr(torch, model_dtype),
+                  gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name)
+
+
+def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
+                  gpu_memory_gb: float | None) -> list[str]:
+    """Lines for ``omni-ray validate``: the estimate by component and, if it does not fit, a warning."""
+    if spec.remote_code:
+        return ["memory: no estimate for remote-code models (their classes are not run before training)"]
+    from omni_ray.freeze import apply_plan
+    from omni_ray.models.loading import build_skeleton
+
+    text = hf_config.get("text_config", hf_config)
+    estimate = estimate_memory(lambda: build_skeleton(model_cfg, spec, hf_config), lambda m: apply_plan(m, plan, lora),
+                               plan, layout, batch=batch, seq_len=seq_len, vocab=int(text["vocab_size"]),
+                               largest_layer=largest_layer_numel(plan, spec), compare_checkpointing=False)
+    limit, source = device_memory_bytes(gpu_memory_gb)
+    warning = fits_warning(estimate, limit, source)
+    return [estimate.format(), *([warning] if warning else [])]
 
 
 def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:
@@ -253,4 +317,4 @@ def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> st
 
 
 __all__ = ["Layout", "LiveTensorBytes", "MemoryEstimate", "device_memory_bytes", "estimate_memory",
-           "fits_warning", "loss_bytes"]
+           "fits_warning", "layout_of", "loss_bytes", "memory_report"]

@@ -78,7 +78,7 @@ def test_gradient_checkpointing_keeps_less():
     model_plan = plan_freeze(((n, tuple(p.shape)) for n, p in tiny_minicpmv().named_parameters()),
                              get_spec("minicpmv4_6"), FreezeConfig(llm="full"), LORA, 1e-3)
     est = estimate_memory(tiny_minicpmv, lambda m: apply_plan(m, model_plan, LORA), model_plan,
-                          Layout(gradient_checkpointing=True), batch=BATCH, seq_len=4 * SEQ, vocab=VOCAB)
+                          Layout(gradient_checkpointing=True), batch=BATCH, seq_len=2 * SEQ, vocab=VOCAB)
     assert est.activations < 0.6 * est.activations_other
     assert "gradient checkpointing on" in est.format()
 
@@ -97,3 +97,24 @@ def test_sharding_and_low_precision_frozen_weights():
     warning = fits_warning(one, one.total - 1, "scaling.gpu_memory_gb")
     assert warning.startswith("memory: the estimate") and "scaling.gpu_memory_gb" in warning
     assert fits_warning(one, 80 * GiB, "x") is None
+
+
+def test_validate_memory_prints_the_estimate(tmp_path, capsys):
+    """`omni-ray validate --memory` on a tiny checkpoint: the table, and the warning above the device."""
+    import yaml
+
+    from omni_ray.launch import cli
+    from omni_ray.models.tiny import build_tiny_minicpmv
+
+    model_dir = build_tiny_minicpmv(tmp_path / "model", text_layers=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "model_max_length": 64},
+        "train": {"micro_batch_size": 2, "precision": "fp32"},
+        "scaling": {"num_workers": 2, "gpu_memory_gb": 0.001},
+    }))
+    assert cli.main(["validate", str(config), "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per worker (estimate)" in out and "optimizer state" in out
+    assert "memory: the estimate" in out and "above 0.0 GiB (scaling.gpu_memory_gb)" in out
