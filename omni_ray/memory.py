@@ -95,6 +95,7 @@ class Layout:
     chunked_loss: bool = True
     gradient_checkpointing: bool = False
     engine: str = "fsdp"
+    optimizer_foreach: bool = False  # the engines use torch's foreach AdamW on GPUs, per tensor on CPUs
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class MemoryEstimate:
     weights: dict[str, int]  # storage dtype -> bytes on this worker
     gradients: int
     optimizer: int
+    optimizer_step: int  # AdamW's temporaries during the step (activations are gone by then)
     activations: int  # with the configured gradient checkpointing setting
     activations_other: int | None  # with the opposite setting, for comparison (None: not estimated)
     logits: int  # the loss's share: full logits, or one chunk
@@ -110,12 +112,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.gradients + self.optimizer + self.activations
+        return sum(self.weights.values()) + self.step_bytes
 
     @property
     def step_bytes(self) -> int:
-        """What one step adds above the loaded weights (the measured side's baseline)."""
-        return self.gradients + self.optimizer + self.activations
+        """What one step adds above the loaded weights (the measured side's baseline): the
+        optimizer state and gradients, plus the larger of the activations (forward, backward)
+        and the optimizer's temporaries (its step, after the activations are freed)."""
+        return self.gradients + self.optimizer + max(self.activations, self.optimizer_step)
 
     def format(self) -> str:
         ckpt = "on" if self.gradient_checkpointing else "off"
@@ -124,7 +128,8 @@ class MemoryEstimate:
         lines = [f"memory per worker (estimate): {self.total / GiB:.2f} GiB"]
         lines += [f"  weights {dtype:<9} {n / GiB:8.2f} GiB" for dtype, n in sorted(self.weights.items())]
         lines += [f"  gradients         {self.gradients / GiB:8.2f} GiB",
-                  f"  optimizer state   {self.optimizer / GiB:8.2f} GiB",
+                  f"  optimizer state   {self.optimizer / GiB:8.2f} GiB (+{self.optimizer_step / GiB:.2f} GiB "
+                  f"temporaries in its step)",
                   f"  activations       {self.activations / GiB:8.2f} GiB (gradient checkpointing {ckpt}{other})",
                   f"    of which loss   {self.logits / GiB:8.2f} GiB"]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
@@ -199,26 +204,44 @@ def _fake_forward_backward(build_model: Callable, apply: Callable, batch: int, s
 
 
 # Fake steps cost ~1 ms per op, and the torch fallback of linear attention runs a Python loop per
-# 64-token chunk: sequences longer than this are measured at two lengths and extrapolated.
-MEASURE_TOKENS = (64, 128)
+# 64-token chunk: long sequences are measured at two shorter lengths and extrapolated.
+GDN_CHUNK = 64
 
 
-def _activations(build_model: Callable, apply: Callable, batch: int, seq_len: int, layout: Layout,
+def measure_lengths(vocab: int, chunked: bool) -> tuple[int, int]:
+    """Two lengths where memory is affine in the length: the chunked loss's chunk is full at both."""
+    from omni_ray.train.loss import chunk_tokens
+
+    short = max(GDN_CHUNK, -(-chunk_tokens(vocab) // GDN_CHUNK) * GDN_CHUNK) if chunked else GDN_CHUNK
+    return short, 2 * short
+
+
+def _activations(build_model: Callable, apply: Callable, batch: int, seq_len: int, vocab: int, layout: Layout,
                  checkpointing: bool) -> int:
     """Activation bytes (gradients excluded) of one step at ``seq_len``.
 
-    Above ``MEASURE_TOKENS[1]`` the bytes are an affine function of the length (attention runs
-    through SDPA, which keeps no [seq, seq] scores), so two short fake steps fix it.
+    Above ``measure_lengths`` the bytes are an affine function of the length (attention runs
+    through SDPA, which keeps no [seq, seq] scores, and the loss's chunk is full), so two
+    shorter fake steps fix the line.
     """
     def measure(tokens: int) -> int:
         peak, grads = _fake_step(build_model, apply, batch, tokens, layout, checkpointing)
         return max(0, peak - grads)  # gradients are counted on their own
 
-    short, long = MEASURE_TOKENS
+    short, long = measure_lengths(vocab, layout.chunked_loss)
     if seq_len <= long:
         return measure(seq_len)
     at_short, at_long = measure(short), measure(long)
     return int(at_long + (at_long - at_short) * (seq_len - long) / (long - short))
+
+
+def _adam_temporaries(plan, trained: int, layout: Layout) -> int:
+    """torch AdamW's step: foreach takes sqrt(exp_avg_sq) of every tensor at once; per tensor,
+    sqrt and its quotient of the largest tensor exist together."""
+    if layout.optimizer_foreach:
+        return trained * MASTER_BYTES
+    largest = max((p.numel for p in plan.params if p.mode == "full"), default=0)
+    return 2 * largest * MASTER_BYTES
 
 
 def loss_bytes(tokens: int, vocab: int, compute_dtype: torch.dtype, chunked: bool) -> int:
@@ -244,7 +267,7 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
     runs = {}
     settings = (layout.gradient_checkpointing, not layout.gradient_checkpointing)
     for checkpointing in settings if compare_checkpointing else settings[:1]:
-        runs[checkpointing] = _activations(build_model, apply, batch, seq_len, layout, checkpointing)
+        runs[checkpointing] = _activations(build_model, apply, batch, seq_len, vocab, layout, checkpointing)
     notes = []
     if layout.shard_weights and layout.world > 1 and not largest_layer:
         notes.append("the unsharded layer FSDP2/ZeRO-3 gathers at a time is not counted (largest_layer=0)")
@@ -252,6 +275,7 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
         weights=_weights(plan, layout, largest_layer),
         gradients=trained * MASTER_BYTES // shard,
         optimizer=trained * ADAM_STATE_BYTES // shard,
+        optimizer_step=_adam_temporaries(plan, trained, layout) // shard,
         activations=runs[layout.gradient_checkpointing],
         activations_other=runs.get(not layout.gradient_checkpointing),
         logits=loss_bytes(batch * seq_len, vocab, layout.compute_dtype, layout.chunked_loss),
@@ -278,7 +302,8 @@ def layout_of(model_dtype: str, train, strategy, scaling) -> Layout:
     return Layout(world=scaling.num_workers,
                   shard_weights=strategy.name == "fsdp" or strategy.zero_stage == 3,
                   compute_dtype=PRECISION_DTYPES[train.precision], frozen_dtype=getattr(torch, model_dtype),
-                  gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name)
+                  gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name,
+                  optimizer_foreach=scaling.use_gpu)
 
 
 def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,

@@ -90,9 +90,22 @@ def json_rows(uri: str, storage: StorageConfig | None) -> list[dict]:
     return rows
 
 
+def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
+    """(min, max) preprocessing actors for ``num_workers`` training workers.
+
+    One actor per cluster would feed a 64-GPU run from a single CPU process: the pool scales
+    with the training workers, and Ray Data's autoscaler grows it between the bounds.
+    """
+    low = max(1, round(num_workers * data.preprocess_actors_per_worker))
+    return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
+
+
 def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
-                  *, concurrency: int = 1):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix or JSON/JSONL file)."""
+                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
+    """A Ray Dataset of processed rows for ``source`` (prepared prefix or JSON/JSONL file).
+
+    ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
+    """
     import ray.data
 
     from omni_ray import storage as st
@@ -116,7 +129,7 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
         Preprocess,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels),
         batch_size=16,
-        concurrency=concurrency,
+        concurrency=concurrency or preprocess_pool(data, num_workers),
         num_cpus=data.num_cpus_per_preprocess_task,
         runtime_env={"env_vars": storage.worker_env()} if storage else None,
     )
