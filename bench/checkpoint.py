@@ -35,6 +35,7 @@ def main() -> None:
     from omni_ray.models.tiny import build_tiny_minicpmv
     from omni_ray.strategies import build_strategy
     from omni_ray.train import checkpoint as ckpt
+    from omni_ray.data.position import PositionSet
     from omni_ray.train.build import build_trainable_model
     from omni_ray.train.session import LocalSession
 
@@ -63,7 +64,7 @@ def main() -> None:
         times, size = [], 0
         for _ in range(args.repeats):
             start = time.perf_counter()
-            path = ckpt.save(strategy, plan, c, 1, 0, {"epoch": 0, "consumed_ids": [], "rng": {}}, model_dir)
+            path = ckpt.save(strategy, plan, c, 1, 0, {"epoch": 0, "consumed": PositionSet().to_json(), "rng": {}}, model_dir)
             times.append(time.perf_counter() - start)
             size = dir_bytes(path)
         rows["trainable-only" if trainable_only else "full"] = (size, statistics.median(times))

@@ -138,8 +138,27 @@ class LoraConfig(Section):
         return value
 
 
+# Annotation files we read; anything else named as data.train is a mistake we can name early.
+ANNOTATION_SUFFIXES = (".json", ".jsonl")
+_OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".arrow", ".xlsx", ".yaml", ".yml", ".zip", ".tar", ".gz")
+
+
+def _check_source(value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty path, s3:// URI or prefix")
+    if value.lower().endswith(_OTHER_DATA_SUFFIXES):
+        raise ValueError(
+            f"{value!r} is not an annotation file omni_ray reads; give .json (a list of records), .jsonl "
+            "(one record per line), a folder or s3:// prefix of them, or a prepared prefix (manifest.json)"
+        )
+    return value
+
+
 class DataConfig(Section):
-    train: str = Field(description="Prepared shard prefix (manifest.json) or a MiniCPM-V JSON/JSONL file.")
+    train: str | list[str] = Field(
+        description="Prepared shard prefix (manifest.json), or JSON/JSONL annotation files / folders of them "
+        "(a list is read in order, as one dataset)."
+    )
     eval: str | None = None
     model_max_length: int = Field(2048, ge=16, description="Tokens per sample, image tokens included.")
     max_bad_fraction: float = Field(
@@ -147,6 +166,24 @@ class DataConfig(Section):
     )
     max_image_pixels: int = Field(
         89_478_485, ge=1, description="Images with more pixels are rejected as decompression_bomb (PIL's default)."
+    )
+    max_image_bytes: int = Field(
+        64 << 20, ge=1, description="Image (and video) files larger than this are rejected as image_too_large."
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds one image read may take before the sample is rejected as read_timeout."
+    )
+    image_root: str | None = Field(
+        None,
+        description="Folder (or s3:// prefix) relative image paths resolve against, and the only place images may "
+        "come from; default: each annotation file's own folder.",
+    )
+    allow_absolute_paths: bool = Field(
+        False, description="Accept absolute image paths and `..` leaving the image root (off: rejected as unsafe_path)."
+    )
+    max_json_depth: int = Field(64, ge=4, description="Deeper-nested records are rejected as record_too_deep.")
+    max_record_bytes: int = Field(
+        16 << 20, ge=1024, description="Larger records (one JSON object) are rejected as record_too_large."
     )
     shuffle: bool = True
     shuffle_buffer: int = Field(
@@ -162,6 +199,19 @@ class DataConfig(Section):
     preprocess_max_actors_per_worker: float = Field(
         2.0, gt=0, description="The pool grows under load (Ray Data autoscaling) up to this many per training worker."
     )
+
+    @field_validator("train")
+    @classmethod
+    def _known_sources(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list; give at least one annotation file or a prepared prefix")
+            return [_check_source(v) for v in value]
+        return _check_source(value)
+
+    def sources(self) -> list[str]:
+        """``train`` as a list (one entry when it is a string)."""
+        return list(self.train) if isinstance(self.train, list) else [self.train]
 
 
 class TrainConfig(Section):
@@ -213,6 +263,10 @@ class ScalingConfig(Section):
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one worker's GPU; `omni-ray validate` warns when its estimate is above "
         "it. Default: the GPU detected on the machine that runs validate."
+    )
+    gpu_wait_timeout_s: float = Field(
+        900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
+        "failing with a named error instead of waiting silently.",
     )
 
 

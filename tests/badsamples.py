@@ -1,13 +1,16 @@
 """Samples of every kind, good and bad, as raw files: shared by the prepare, check and train tests.
 
 Real photographs from scikit-image (no download); each bad record carries the reason code
-omni_ray must report for it.
+omni_ray must report for it. ``LOCAL_RECORDS`` need special files (a FIFO, symlinks, a
+directory) that only a local folder can hold: :func:`write_local` makes them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import skimage.data as skimage_data
@@ -86,20 +89,66 @@ RECORDS = [
     ({"id": "bad-empty-conv", "conversations": []}, "empty_conversation"),
     ({"id": "bad-no-turns", "image": "img/astronaut.jpg"}, "missing_field"),
 ]
-RAW_LINES = [
-    (b"{this is not json", "sample-18", "malformed_conversation"),
-    (b'{"id": "bad-latin1", "conversations": [{"role": "user", "content": "caf\xe9"}]}',
-     "sample-19", "non_utf8_text"),
+# Issue 11's hostile inputs and the peer formats' fields no model here can take (issue 10).
+RECORDS += [
+    ({"id": "bad-absolute", "image": "/etc/passwd", "conversations": [U("<image>"), A("a")]}, "unsafe_path"),
+    ({"id": "bad-climb", "image": "../../../../../../etc/passwd", "conversations": [U("<image>"), A("a")]},
+     "unsafe_path"),
+    ({"id": "bad-nul", "image": "img/astro\u0000naut.jpg", "conversations": [U("<image>"), A("a")]}, "bad_path"),
+    ({"id": "bad-long-path", "image": "img/" + "a/" * 2100 + "x.jpg", "conversations": [U("<image>"), A("a")]},
+     "bad_path"),
+    ({"id": "bad-url", "image": "https://example.com/cat.jpg", "conversations": [U("<image>"), A("a")]},
+     "remote_url"),
+    ({"id": "bad-image-in-answer", "messages": [U("q"), A("here <image>")], "images": ["img/astronaut.jpg"]},
+     "media_in_assistant_turn"),
+    ({"id": "bad-audio", "messages": [U("<audio>What is said?"), A("hi")], "audios": ["a.wav"]},
+     "unsupported_modality"),
+    ({"id": "bad-objects", "messages": [U("<image>Find <ref-object>"), A("<bbox>")], "images": ["img/rocket.jpg"],
+      "objects": {"ref": ["rocket"], "bbox": [[1, 2, 3, 4]]}}, "unsupported_field"),
+    ({"id": "bad-video-count", "messages": [U("<video><video>"), A("a")], "videos": ["clip.mp4"]},
+     "placeholder_mismatch"),
 ]
+_DEEP = 200_000  # nesting that raised RecursionError in every reader
+RAW_LINES = [
+    (b"{this is not json", "malformed_conversation"),
+    (b'{"id": "bad-latin1", "conversations": [{"role": "user", "content": "caf\xe9"}]}', "non_utf8_text"),
+    (b'{"id": "deep", "x": ' + b"[" * _DEEP + b"]" * _DEEP + b"}", "record_too_deep"),
+]
+RAW_IDS = [f"sample-{len(RECORDS) + k}" for k in range(len(RAW_LINES))]
+
+MAX_IMAGE_BYTES = 1 << 20  # the tests' data.max_image_bytes
+LOCAL_RECORDS = [
+    ({"id": "bad-fifo", "image": "img/fifo.jpg", "conversations": [U("<image>"), A("a")]}, "not_a_regular_file"),
+    ({"id": "bad-dir", "image": "img", "conversations": [U("<image>"), A("a")]}, "not_a_regular_file"),
+    ({"id": "bad-loop", "image": "img/loop.jpg", "conversations": [U("<image>"), A("a")]}, "bad_path"),
+    ({"id": "bad-link-out", "image": "img/passwd.jpg", "conversations": [U("<image>"), A("a")]}, "unsafe_path"),
+    ({"id": "bad-dev-zero", "image": "img/zero.jpg", "conversations": [U("<image>"), A("a")]}, "unsafe_path"),
+    ({"id": "bad-huge", "image": "img/huge.png", "conversations": [U("<image>"), A("a")]}, "image_too_large"),
+]
+
 GOOD_IDS = {r["id"] for r, reason in RECORDS if reason is None}
 EXPECTED_REJECTS = {
     **{r["id"]: reason for r, reason in RECORDS if reason},
-    **{rid: reason for _, rid, reason in RAW_LINES},
+    **{rid: reason for rid, (_, reason) in zip(RAW_IDS, RAW_LINES)},
 }
+LOCAL_EXPECTED_REJECTS = {**EXPECTED_REJECTS, **{r["id"]: reason for r, reason in LOCAL_RECORDS}}
 
 
 def _dataset_files() -> dict[str, bytes]:
-    lines = [json.dumps(r).encode() for r, _ in RECORDS] + [raw for raw, _, _ in RAW_LINES]
+    lines = [json.dumps(r).encode() for r, _ in RECORDS] + [raw for raw, _ in RAW_LINES]
     return {"train.jsonl": b"\n".join(lines) + b"\n", **IMAGES}
 
 
+def write_local(root: Path) -> Path:
+    """Every record, the local-only kinds included, under ``root``; returns the JSONL path."""
+    files = _dataset_files()
+    files["train.jsonl"] += b"".join(json.dumps(r).encode() + b"\n" for r, _ in LOCAL_RECORDS)
+    files["img/huge.png"] = b"\0" * (MAX_IMAGE_BYTES + 1)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    os.mkfifo(root / "img/fifo.jpg")  # no writer: a plain open() blocks forever
+    (root / "img/loop.jpg").symlink_to("loop.jpg")
+    (root / "img/passwd.jpg").symlink_to("/etc/passwd")
+    (root / "img/zero.jpg").symlink_to("/dev/zero")
+    return root / "train.jsonl"

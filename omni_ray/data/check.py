@@ -5,32 +5,62 @@ the chat template, tokenization, image-safe truncation) on CPU workers, and repo
 and rejected by reason, images per sample, a token-length histogram that counts image tokens,
 and how many samples would lose trailing rounds to ``model_max_length``. Samples rejected when
 the shards were prepared (``rejects.jsonl``) are counted too, so the bad fraction is over
-everything the user gave.
+everything the user gave. Repeated sample ids are counted and named (they are reported,
+never skipped: training identifies rows by position).
+
+``check`` takes config sections and uses the Ray it finds running, or starts a local one
+(:func:`ensure_ray`); it never imports the launcher.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
 
-from omni_ray.config import Config
+from omni_ray.config import DataConfig, ModelConfig
+from omni_ray.data.identity import DuplicateIds
+from omni_ray.storage import StorageConfig
 
-STAT_COLUMNS = ["id", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds"]
+STAT_COLUMNS = ["row", "id", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds"]
 
 
-def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
+def ensure_ray() -> None:
+    """Use the running Ray, or the cluster at ``RAY_ADDRESS``, or start a small local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine.
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
+
+
+def check(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None, *,
+          examples_per_reason: int = 3) -> dict:
+    """Run the training preprocessing over ``source`` and return the report (see module docstring)."""
     from omni_ray.data.pipeline import build_dataset
-    from omni_ray.launch.driver import ensure_ray
+    from omni_ray.data.reader import resolve_sources
 
-    ensure_ray(cfg.scaling, cfg.data, cfg.storage)
+    ensure_ray()
+    kind, uris = resolve_sources(source, storage)
     prepared: dict = {}
-    if not source.endswith((".json", ".jsonl")):
+    if kind == "prepared":
         from omni_ray.data.prepare import read_manifest
 
-        prepared = read_manifest(source, cfg.storage)["counts"]
-    ds = build_dataset(source, cfg.data, cfg.model, cfg.storage).select_columns(STAT_COLUMNS)
-    rows = ds.to_pandas()
+        manifest = read_manifest(uris[0], storage)
+        prepared = manifest["counts"]
+        duplicates = manifest.get("duplicate_ids", {"count": 0, "examples": []})
+    rows = build_dataset(source, data, model, storage).select_columns(STAT_COLUMNS).to_pandas()
+    if kind == "json":
+        counter = DuplicateIds()
+        for row, sample_id in zip(rows["row"], rows["id"]):
+            counter.add(str(sample_id), int(row))
+        duplicates = counter.report()
     ok = rows[rows["reason"] == ""]
     bad = rows[rows["reason"] != ""]
     by_reason = Counter(bad["reason"])
@@ -41,7 +71,7 @@ def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
             examples[r["reason"]].append({"id": r["id"], "detail": r["detail"]})
     total = len(rows) + int(prepared.get("rejected", 0))
     rejected = sum(by_reason.values())
-    limit = cfg.data.model_max_length
+    limit = data.model_max_length
     edges = sorted({0, *[int(limit * f) for f in (0.125, 0.25, 0.5, 0.75)], limit})
     hist, _ = np.histogram(ok["num_tokens"], bins=edges + [limit + 1]) if len(ok) else ([0] * len(edges), None)
     return {
@@ -62,6 +92,7 @@ def check(source: str, cfg: Config, *, examples_per_reason: int = 3) -> dict:
             "image_token_share": float(ok["num_image_tokens"].sum() / max(ok["num_tokens"].sum(), 1)),
         },
         "truncated": int((ok["dropped_rounds"] > 0).sum()),
+        "duplicate_ids": duplicates,
     }
 
 
@@ -81,4 +112,7 @@ def format_report(report: dict) -> str:
     for b in t["histogram"]:
         lines.append(f"    [{b['from']:>6}, {b['to']:>6})  {b['samples']}")
     lines.append(f"  truncated (trailing rounds dropped to fit): {report['truncated']}")
+    dup = report["duplicate_ids"]
+    examples = ", ".join(f"{e['id']!r} (rows {e['rows'][0]} and {e['rows'][1]})" for e in dup["examples"])
+    lines.append(f"  repeated ids (all rows still train): {dup['count']}" + (f"   e.g. {examples}" if examples else ""))
     return "\n".join(lines)

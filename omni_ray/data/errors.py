@@ -11,9 +11,10 @@ end.
 
 from __future__ import annotations
 
+from omni_ray.config import ConfigError
 from omni_ray.errors import UserError
 
-__all__ = ["REASONS", "DataError"]
+__all__ = ["REASONS", "DataError", "DataSourceError"]
 
 #: Every reason a sample can be rejected for. Stable, snake_case, machine-readable.
 REASONS: tuple[str, ...] = (
@@ -34,6 +35,20 @@ REASONS: tuple[str, ...] = (
     # tokenization (raised by omni_ray.data's tokenizer code)
     "too_long",  # the sample does not fit model_max_length even after safe truncation
     "image_tokens_truncated",  # truncation would cut an image's placeholder tokens
+    # input safety and formats (issues 10 and 11)
+    "unsafe_path",  # absolute path, or `..` climbing out of the dataset root (data.image_root)
+    "bad_path",  # NUL byte, over-long path or component, symlink loop
+    "not_a_regular_file",  # a directory, FIFO, device (/dev/zero) or socket instead of a file
+    "image_too_large",  # the file is over data.max_image_bytes
+    "read_timeout",  # the read did not finish within data.read_timeout_s
+    "unreadable_file",  # any other error reading the file or object (permissions, network)
+    "remote_url",  # an http(s) URL: omni_ray does not download from the web
+    "record_too_deep",  # JSON nesting deeper than data.max_json_depth
+    "record_too_large",  # one record over data.max_record_bytes
+    "unsupported_modality",  # audio, or content blocks no model here takes
+    "unsupported_field",  # a known field we cannot honour (grounding objects, preference data)
+    "media_in_assistant_turn",  # <image>/<video> in an answer would turn pixels into labels
+    "processing_error",  # an unexpected exception while processing this one sample
 )
 
 
@@ -66,3 +81,16 @@ class DataError(UserError, ValueError):
     def __reduce__(self):
         # Keeps the error picklable across Ray task boundaries with both fields intact.
         return (type(self), (self.reason, self.detail))
+
+
+class DataSourceError(ConfigError):
+    """A whole input source is unusable (missing, unreadable, wrong format): no sample in it
+    can be trusted, so this stops the command instead of rejecting samples one by one.
+
+    A :class:`~omni_ray.config.ConfigError`, so the CLI exits 2 with the one-line message,
+    which names the config key, the path and what to check.
+    """
+
+    def __init__(self, path: str, problem: str, key: str = "data.train") -> None:
+        self.path = path
+        super().__init__(f"{key}: {path}: {problem}")

@@ -1,36 +1,47 @@
 """Read the annotation formats users already have, into one normalized sample.
 
-Two formats are accepted, so users of MiniCPM-V's ``finetune/`` and of LLaMA-Factory can
-bring their files unchanged:
+Users of MiniCPM-V's ``finetune/``, LLaVA, LLaMA-Factory and ms-swift bring their files
+unchanged. Accepted shapes (detected per record, so one file may mix them):
 
-MiniCPM-V finetune format::
+MiniCPM-V / LLaVA::
 
-    {"id": "0", "image": "path/to/img.jpg",
-     "conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
-                       {"role": "assistant", "content": "A cat."}]}
-    {"id": "1", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
-     "conversations": [{"role": "user", "content": "<image_00>\\n<image_01>\\nSame?"}, ...]}
+    {"id": "0", "image": "img.jpg",
+     "conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},   # LLaVA:
+                       {"role": "assistant", "content": "A cat."}]}             # from/value,
+    {"id": "1", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"}, ...}   # human/gpt
 
-ShareGPT / LLaMA-Factory format::
+LLaMA-Factory ShareGPT::
 
-    {"messages": [{"role": "user", "content": "<image>Describe."}, ...],
-     "images": ["img.jpg"]}
+    {"conversations" | "messages": [...], "system": "...", "tools": "[...]" | [...],
+     "images": [...], "videos": [...]}
 
-ShareGPT turn keys (``{"from": "human"|"gpt", "value": ...}``) are accepted in either.
+ms-swift::
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..." | [
+        {"type": "text", "text": "..."}, {"type": "image", "image": "a.jpg"},
+        {"type": "image_url", "image_url": {"url": "a.jpg"}}, {"type": "video", "video": "v.mp4"}],
+        "loss": false}],                                         # per-turn loss (assistant)
+     "images": [...], "videos": [...], "tools": [...]}
+    {"system": "...", "query": "...", "response": "...", "history": [["q", "r"], ...]}
+
 Every sample becomes::
 
-    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}],
-     "image_refs": [str]}
+    {"id": str,
+     "messages": [{"role": "system"|"user"|"assistant", "content": str,
+                   "loss": bool}],   # "loss" only when the source said so
+     "image_refs": [str], "video_refs": [str], "tools": list | None}
 
-with each image written as :data:`IMAGE_PLACEHOLDER` in the text and ``image_refs`` in the
-order the placeholders appear. Text-only samples (no image field) are valid and have
-``image_refs == []``: mixing them with image samples is a supported case (pain 1), not an
-error.
+with each image written as :data:`IMAGE_PLACEHOLDER` and each video as
+:data:`VIDEO_PLACEHOLDER` in the text, refs in the order their placeholders appear.
+Text-only samples are valid (``image_refs == []``). Images given without placeholders go
+before the first user turn, one per line (MiniCPM-V's behaviour); videos likewise.
 
-Unlike MiniCPM-V's loader, which swaps a failing sample for a random other one, every
-problem raises :class:`~omni_ray.data.errors.DataError` with a reason code, so the
-preparation step can report each rejected sample. All functions here are pure except
-:func:`iter_records`, which reads one file.
+What no model here can take is rejected by reason, never dropped or left as literal text:
+audio (``audios``, ``<audio>``, audio blocks) is ``unsupported_modality``; ms-swift grounding
+``objects`` and preference-data keys are ``unsupported_field``; ``<image>``/``<video>`` in an
+assistant turn is ``media_in_assistant_turn`` (its tokens would become labels). Every problem
+raises :class:`~omni_ray.data.errors.DataError` with a reason code; all functions here are
+pure (:func:`iter_records` is the streaming reader's, re-exported).
 """
 
 from __future__ import annotations
@@ -39,15 +50,14 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterator
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from omni_ray import storage as _storage
 from omni_ray.data.errors import DataError
-from omni_ray.storage import StorageConfig
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
+    "VIDEO_PLACEHOLDER",
     "normalize_record",
     "iter_records",
     "resolve_ref",
@@ -55,9 +65,12 @@ __all__ = [
 
 #: The one image placeholder in normalized text; the tokenizer code expands it.
 IMAGE_PLACEHOLDER = "<image>"
+#: The one video placeholder in normalized text.
+VIDEO_PLACEHOLDER = "<video>"
 
 _NUMBERED = re.compile(r"<image_\d+>")
-_ANY_PLACEHOLDER = re.compile(r"<image>|<image_\d+>")
+_ANY_IMAGE = re.compile(r"<image>|<image_\d+>")
+_MEDIA = re.compile(r"<image>|<image_\d+>|<video>")
 _ROLE_ALIASES = {
     "user": "user",
     "human": "user",
@@ -65,8 +78,18 @@ _ROLE_ALIASES = {
     "gpt": "assistant",
     "system": "system",
 }
+_TOOL_ROLES = {"tool", "observation", "function_call", "function", "tool_call", "tool_response"}
+# Keys we know and cannot honour: training on the rest of the record would silently drop them.
+_UNSUPPORTED_KEYS = {
+    "objects": "ms-swift grounding 'objects' (<ref-object>/<bbox>) are not supported",
+    "rejected_response": "preference data (rejected_response) is for RLHF, not supervised fine-tuning",
+    "rejected_messages": "preference data (rejected_messages) is for RLHF, not supervised fine-tuning",
+    "chosen": "preference data (chosen/rejected) is for RLHF, not supervised fine-tuning",
+    "rejected": "preference data (chosen/rejected) is for RLHF, not supervised fine-tuning",
+    "kto_tag": "KTO labels are for preference training, not supervised fine-tuning",
+}
 # Lone surrogates come from JSON "\udcXX" escapes or from bytes decoded with
-# errors="surrogateescape"; U+FFFD from bytes decoded with errors="replace" upstream.
+# errors="surrogateescape"; U+FFFD from bytes decoded with errors="replace" (the reader).
 _BAD_TEXT = re.compile("[\ud800-\udfff\ufffd]")
 
 
@@ -76,41 +99,113 @@ _BAD_TEXT = re.compile("[\ud800-\udfff\ufffd]")
 def normalize_record(record: Any, index: int) -> dict:
     """Validate one raw record and return the normalized sample (see module docstring).
 
-    ``index`` is the record's position in its file; it names samples that have no
-    ``id``. Raises :class:`DataError` with reason ``missing_field``,
-    ``empty_conversation``, ``malformed_conversation``, ``wrong_role_order``,
-    ``placeholder_mismatch`` or ``non_utf8_text``.
+    ``index`` is the record's position in the dataset; it names samples that have no
+    ``id``. Raises :class:`DataError` (``missing_field``, ``empty_conversation``,
+    ``malformed_conversation``, ``wrong_role_order``, ``placeholder_mismatch``,
+    ``non_utf8_text``, ``unsupported_modality``, ``unsupported_field``,
+    ``media_in_assistant_turn``).
     """
     if not isinstance(record, dict):
         raise DataError(
             "malformed_conversation",
             f"record {index} is a JSON {type(record).__name__}, expected an object with "
-            "'conversations' (MiniCPM-V) or 'messages' (ShareGPT)",
+            "'conversations' (MiniCPM-V, LLaVA) or 'messages' (ShareGPT, ms-swift)",
         )
     sample_id = record.get("id")
     sample_id = f"sample-{index}" if sample_id is None or sample_id == "" else str(sample_id)
+    _reject_unsupported(record, sample_id)
 
-    turns_key = _pick_key(record, ("conversations", "messages"), sample_id)
-    if turns_key is None:
-        raise DataError(
-            "missing_field",
-            f"sample {sample_id}: no 'conversations' (MiniCPM-V format) or 'messages' "
-            "(ShareGPT format) key; add the list of turns under one of them",
-        )
-    messages = _normalize_turns(record[turns_key], turns_key, sample_id)
+    turns_key, turns = _turns(record, sample_id)
+    media = {"image": [], "video": []}
+    messages = _normalize_turns(turns, turns_key, sample_id, media)
+    messages = _with_system(record, messages, sample_id)
     _check_role_order(messages, sample_id)
-    for turn_no, message in enumerate(messages):
-        if _BAD_TEXT.search(message["content"]):
-            raise DataError(
-                "non_utf8_text",
-                f"sample {sample_id}: {turns_key}[{turn_no}].content holds bytes that were "
-                "not valid UTF-8 (lone surrogate or U+FFFD); re-encode the file as UTF-8",
-            )
+    _check_text(messages, turns_key, sample_id)
 
     image_key = _pick_key(record, ("image", "images"), sample_id)
-    image = record.get(image_key) if image_key else None
-    messages, refs = _bind_images(messages, image, image_key, sample_id)
-    return {"id": sample_id, "messages": messages, "image_refs": refs}
+    images = _media_value(record, image_key, media["image"], sample_id)
+    messages, image_refs = _bind_media(messages, images, image_key or "images", sample_id, IMAGE_PLACEHOLDER)
+    video_key = _pick_key(record, ("video", "videos"), sample_id)
+    videos = _media_value(record, video_key, media["video"], sample_id)
+    messages, video_refs = _bind_media(messages, videos, video_key or "videos", sample_id, VIDEO_PLACEHOLDER)
+    _check_answers(messages, sample_id)
+    return {"id": sample_id, "messages": messages, "image_refs": image_refs,
+            "video_refs": video_refs, "tools": _tools(record.get("tools"), sample_id)}
+
+
+def _reject_unsupported(record: dict, sample_id: str) -> None:
+    audios = record.get("audios", record.get("audio"))
+    if audios not in (None, [], ""):
+        raise DataError(
+            "unsupported_modality",
+            f"sample {sample_id}: has audio ('audios'); no model omni_ray trains takes audio input, "
+            "remove the audio or the sample",
+        )
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if record.get(key) not in (None, [], {}, ""):
+            raise DataError("unsupported_field", f"sample {sample_id}: {why}; remove {key!r} or the sample")
+
+
+def _turns(record: dict, sample_id: str) -> tuple[str, Any]:
+    """The record's list of turns, building it from ms-swift's query/response/history."""
+    key = _pick_key(record, ("conversations", "messages"), sample_id)
+    if key is not None:
+        if "query" in record or "response" in record:
+            raise DataError(
+                "malformed_conversation",
+                f"sample {sample_id}: has both {key!r} and query/response; keep one form",
+            )
+        return key, record[key]
+    if "query" not in record and "response" not in record:
+        raise DataError(
+            "missing_field",
+            f"sample {sample_id}: no 'conversations' (MiniCPM-V, LLaVA), 'messages' (ShareGPT, "
+            "ms-swift) or query/response key; add the list of turns under one of them",
+        )
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise DataError(
+            "malformed_conversation",
+            f"sample {sample_id}: 'history' must be a list of [query, response] pairs",
+        )
+    turns = []
+    for query, response in [*history, [record.get("query"), record.get("response")]]:
+        turns += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    return "query/response", turns
+
+
+def _with_system(record: dict, messages: list[dict], sample_id: str) -> list[dict]:
+    system = record.get("system")
+    if system in (None, ""):
+        return messages
+    if not isinstance(system, str):
+        raise DataError("malformed_conversation", f"sample {sample_id}: 'system' is not a string")
+    if messages and messages[0]["role"] == "system":
+        raise DataError(
+            "malformed_conversation",
+            f"sample {sample_id}: has a top-level 'system' and a system turn; keep one",
+        )
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _tools(tools: Any, sample_id: str) -> Optional[list]:
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):  # LLaMA-Factory stores tools as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise DataError(
+                "malformed_conversation", f"sample {sample_id}: 'tools' is a string but not JSON"
+            ) from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(
+            "malformed_conversation",
+            f"sample {sample_id}: 'tools' must be a list of tool (function) objects",
+        )
+    return tools
 
 
 def _pick_key(record: dict, keys: tuple[str, str], sample_id: str) -> Optional[str]:
@@ -123,7 +218,17 @@ def _pick_key(record: dict, keys: tuple[str, str], sample_id: str) -> Optional[s
     return present[0] if present else None
 
 
-def _normalize_turns(turns: Any, key: str, sample_id: str) -> list[dict]:
+def _media_value(record: dict, key: Optional[str], from_blocks: list, sample_id: str) -> Any:
+    value = record.get(key) if key else None
+    if from_blocks and value not in (None, [], {}, ""):
+        raise DataError(
+            "malformed_conversation",
+            f"sample {sample_id}: media given both in content blocks and in {key!r}; keep one",
+        )
+    return from_blocks or value
+
+
+def _normalize_turns(turns: Any, key: str, sample_id: str, media: dict) -> list[dict]:
     if not isinstance(turns, list):
         raise DataError(
             "malformed_conversation",
@@ -132,32 +237,101 @@ def _normalize_turns(turns: Any, key: str, sample_id: str) -> list[dict]:
         )
     if not turns:
         raise DataError("empty_conversation", f"sample {sample_id}: {key!r} is empty")
-    out = []
-    for turn_no, turn in enumerate(turns):
-        where = f"sample {sample_id}: {key}[{turn_no}]"
-        if not isinstance(turn, dict):
+    return [_normalize_turn(turn, f"sample {sample_id}: {key}[{n}]", media) for n, turn in enumerate(turns)]
+
+
+def _normalize_turn(turn: Any, where: str, media: dict) -> dict:
+    if not isinstance(turn, dict):
+        raise DataError(
+            "malformed_conversation",
+            f"{where} is a {type(turn).__name__}, expected an object with role/content "
+            "(or from/value)",
+        )
+    if "role" in turn or "content" in turn:
+        role, content = turn.get("role"), turn.get("content")
+    else:
+        role, content = turn.get("from"), turn.get("value")
+    if role in _TOOL_ROLES:
+        raise DataError(
+            "malformed_conversation",
+            f"{where} has role {role!r}: tool-call turns are not supported yet; keep tools in "
+            "'tools' and remove the call/result turns, or drop the sample",
+        )
+    if role not in _ROLE_ALIASES:
+        raise DataError(
+            "malformed_conversation",
+            f"{where} has role {role!r}; use one of user/assistant/system "
+            "(ShareGPT: human/gpt/system)",
+        )
+    if isinstance(content, list):
+        content = _join_blocks(content, where, media)
+    if not isinstance(content, str):
+        raise DataError(
+            "malformed_conversation",
+            f"{where}.content is {type(content).__name__}, expected a string",
+        )
+    if "<audio>" in content:
+        raise DataError(
+            "unsupported_modality",
+            f"{where} has an <audio> placeholder; no model omni_ray trains takes audio input",
+        )
+    message = {"role": _ROLE_ALIASES[role], "content": content}
+    loss = turn.get("loss")
+    if loss is not None:
+        if not isinstance(loss, bool) or message["role"] != "assistant":
             raise DataError(
                 "malformed_conversation",
-                f"{where} is a {type(turn).__name__}, expected an object with role/content "
-                "(or from/value)",
+                f"{where}.loss is {loss!r}; 'loss' is true or false, on assistant turns only",
             )
-        if "role" in turn or "content" in turn:
-            role, content = turn.get("role"), turn.get("content")
+        message["loss"] = loss
+    return message
+
+
+def _join_blocks(blocks: list, where: str, media: dict) -> str:
+    """OpenAI/ms-swift content blocks -> text with placeholders; media refs appended in order."""
+    parts = []
+    for n, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif kind in ("image", "image_url", "video", "video_url"):
+            kind = kind.split("_")[0]
+            ref = block.get(kind, block.get(f"{kind}_url"))
+            ref = ref.get("url") if isinstance(ref, dict) else ref
+            media[kind].append(ref)
+            parts.append(IMAGE_PLACEHOLDER if kind == "image" else VIDEO_PLACEHOLDER)
+        elif kind in ("audio", "input_audio", "audio_url"):
+            raise DataError(
+                "unsupported_modality",
+                f"{where}.content[{n}] is an audio block; no model omni_ray trains takes audio input",
+            )
         else:
-            role, content = turn.get("from"), turn.get("value")
-        if role not in _ROLE_ALIASES:
             raise DataError(
                 "malformed_conversation",
-                f"{where} has role {role!r}; use one of user/assistant/system "
-                "(ShareGPT: human/gpt/system)",
+                f"{where}.content[{n}] is not a text/image/image_url/video block ({kind!r})",
             )
-        if not isinstance(content, str):
+    return "".join(parts)
+
+
+def _check_text(messages: list[dict], key: str, sample_id: str) -> None:
+    for turn_no, message in enumerate(messages):
+        if _BAD_TEXT.search(message["content"]):
             raise DataError(
-                "malformed_conversation",
-                f"{where}.content is {type(content).__name__}, expected a string",
+                "non_utf8_text",
+                f"sample {sample_id}: {key}[{turn_no}].content holds bytes that were "
+                "not valid UTF-8 (lone surrogate or U+FFFD); re-encode the file as UTF-8",
             )
-        out.append({"role": _ROLE_ALIASES[role], "content": content})
-    return out
+
+
+def _check_answers(messages: list[dict], sample_id: str) -> None:
+    for message in messages:
+        found = _MEDIA.search(message["content"]) if message["role"] == "assistant" else None
+        if found:
+            raise DataError(
+                "media_in_assistant_turn",
+                f"sample {sample_id}: {found.group()} in an assistant turn would make the image's "
+                "tokens labels; move it into the user turn before",
+            )
 
 
 def _check_role_order(messages: list[dict], sample_id: str) -> None:
@@ -176,34 +350,34 @@ def _check_role_order(messages: list[dict], sample_id: str) -> None:
         )
 
 
-def _bind_images(
-    messages: list[dict], image: Any, key: Optional[str], sample_id: str
+def _bind_media(
+    messages: list[dict], value: Any, key: str, sample_id: str, placeholder: str
 ) -> tuple[list[dict], list[str]]:
-    """Match placeholders with images; return the rewritten messages and ordered refs."""
-    found = [(i, m.group()) for i, msg in enumerate(messages)
-             for m in _ANY_PLACEHOLDER.finditer(msg["content"])]
-    numbered = [p for _, p in found if p != IMAGE_PLACEHOLDER]
+    """Match placeholders with media refs; return the rewritten messages and ordered refs."""
+    pattern = _ANY_IMAGE if placeholder == IMAGE_PLACEHOLDER else re.compile(re.escape(placeholder))
+    found = [(i, m.group()) for i, msg in enumerate(messages) for m in pattern.finditer(msg["content"])]
+    numbered = [p for _, p in found if p != placeholder]
     plain = len(found) - len(numbered)
+    noun = placeholder.strip("<>")
 
-    if image is None or image == [] or image == {}:
+    if value is None or value == [] or value == {} or value == "":
         if found:
             raise DataError(
                 "placeholder_mismatch",
-                f"sample {sample_id}: text has {len(found)} image placeholder(s) but the "
-                "sample has no images; add the image path(s) or remove the placeholder(s)",
+                f"sample {sample_id}: text has {len(found)} {noun} placeholder(s) but the "
+                f"sample has no {noun}s; add the {noun} path(s) or remove the placeholder(s)",
             )
         return messages, []
 
-    if isinstance(image, dict) and list(image) != [IMAGE_PLACEHOLDER]:
-        return _bind_numbered(messages, image, found, sample_id)
-
-    if isinstance(image, dict):  # {"<image>": path} is the single-image form
-        image = image[IMAGE_PLACEHOLDER]
-    refs = [image] if isinstance(image, str) else image
+    if placeholder == IMAGE_PLACEHOLDER and isinstance(value, dict) and list(value) != [placeholder]:
+        return _bind_numbered(messages, value, found, sample_id)
+    if isinstance(value, dict) and list(value) == [placeholder]:  # {"<image>": path}: one image
+        value = value[placeholder]
+    refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, list):
         raise DataError(
             "malformed_conversation",
-            f"sample {sample_id}: {key!r} is a {type(image).__name__}; expected a path, a "
+            f"sample {sample_id}: {key!r} is a {type(value).__name__}; expected a path, a "
             "list of paths or a {'<image_00>': path, ...} object",
         )
     for ref in refs:
@@ -215,17 +389,17 @@ def _bind_images(
             "{'<image_00>': path, ...} object; use <image> or give the object form",
         )
     if plain == 0:
-        # MiniCPM-V's behaviour: images without placeholders go before the first user turn.
+        # MiniCPM-V's behaviour: media without placeholders go before the first user turn.
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages = [dict(m) for m in messages]
         messages[first_user]["content"] = (
-            "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in refs) + messages[first_user]["content"]
+            "".join(f"{placeholder}\n" for _ in refs) + messages[first_user]["content"]
         )
     elif plain != len(refs):
         raise DataError(
             "placeholder_mismatch",
-            f"sample {sample_id}: text has {plain} {IMAGE_PLACEHOLDER} placeholder(s) but "
-            f"{key!r} lists {len(refs)} image(s); make them equal",
+            f"sample {sample_id}: text has {plain} {placeholder} placeholder(s) but "
+            f"{key!r} lists {len(refs)} {noun}(s); make them equal",
         )
     return messages, list(refs)
 
@@ -264,10 +438,7 @@ def _bind_numbered(
             "key; add it or remove the placeholder",
         )
     refs = [image[name] for name in names]
-    messages = [
-        {"role": m["role"], "content": _NUMBERED.sub(IMAGE_PLACEHOLDER, m["content"])}
-        for m in messages
-    ]
+    messages = [{**m, "content": _NUMBERED.sub(IMAGE_PLACEHOLDER, m["content"])} for m in messages]
     return messages, refs
 
 
@@ -275,7 +446,7 @@ def _check_ref(ref: Any, key: Optional[str], sample_id: str) -> None:
     if not isinstance(ref, str) or not ref.strip():
         raise DataError(
             "malformed_conversation",
-            f"sample {sample_id}: image reference {ref!r} in {key!r} is not a non-empty "
+            f"sample {sample_id}: media reference {ref!r} in {key!r} is not a non-empty "
             "path string",
         )
     if _BAD_TEXT.search(ref):
@@ -285,107 +456,77 @@ def _check_ref(ref: Any, key: Optional[str], sample_id: str) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- paths
 
 
-def iter_records(
-    uri: str, storage: Optional[StorageConfig] = None
-) -> Iterator[tuple[int, Union[dict, DataError]]]:
-    """Yield ``(index, record)`` or ``(index, DataError)`` for each record in a file.
+def iter_records(uri: str, storage=None, policy=None):
+    """The streaming reader's :func:`omni_ray.data.reader.iter_records` (kept here for callers)."""
+    from omni_ray.data.reader import iter_records as _iter_records
 
-    ``.jsonl``: one record per non-blank line, read in a stream so the file never has to
-    fit in memory; a line that is not UTF-8 yields ``non_utf8_text`` and a line that is
-    not JSON yields ``malformed_conversation``, for that line only. ``.json``: a list of
-    records; the file is parsed whole, with undecodable bytes kept as lone surrogates so
-    that only the records holding them are rejected (as ``non_utf8_text``, by
-    :func:`normalize_record`). A ``.json`` file that is not valid JSON, or not a list,
-    raises :class:`ValueError` naming the file: no record in it can be trusted.
+    yield from _iter_records(uri, storage, policy)
+
+
+_MAX_PATH = 4095  # PATH_MAX - 1: longer paths cannot be opened on Linux
+_MAX_NAME = 255  # NAME_MAX: the longest one path component may be
+
+
+def resolve_ref(ref: str, base_uri: str, *, root: Optional[str] = None, allow_absolute: bool = False) -> str:
+    """Resolve a media reference from the annotation file at ``base_uri``; pure (no I/O).
+
+    Relative references join ``root`` (``data.image_root``) when given, else the annotation
+    file's folder (a local folder or an S3 prefix), so a dataset folder can be moved or
+    uploaded as a whole. Unless ``allow_absolute``, the result must stay inside that root:
+    absolute paths, ``s3://`` URIs elsewhere and ``..`` climbing out are ``unsafe_path``.
+    http(s) URLs are ``remote_url``; a NUL byte or an over-long path is ``bad_path``.
     """
-    name = uri.rsplit("/", 1)[-1].lower()
-    if name.endswith(".jsonl"):
-        yield from _iter_jsonl(uri, storage)
-    elif name.endswith(".json"):
-        yield from _iter_json(uri, storage)
-    else:
-        raise ValueError(
-            f"{uri}: unknown annotation format; give a .json file (a list of records) or a "
-            ".jsonl file (one record per line)"
+    if "\x00" in ref:
+        raise DataError("bad_path", f"image path {ref[:200]!r} contains a NUL byte")
+    if len(ref) > _MAX_PATH or any(len(p.encode("utf-8", "surrogateescape")) > _MAX_NAME for p in ref.split("/")):
+        raise DataError(
+            "bad_path",
+            f"image path of {len(ref)} characters starting {ref[:80]!r} is longer than the system allows "
+            f"({_MAX_PATH} per path, {_MAX_NAME} bytes per name)",
         )
-
-
-def _iter_jsonl(uri: str, storage: Optional[StorageConfig]):
-    index = 0
-    for line_no, raw in enumerate(_iter_lines(uri, storage), start=1):
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # UTF-8 byte order mark written by some editors
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8", errors="strict")
-        except UnicodeDecodeError as e:
-            yield index, DataError(
-                "non_utf8_text",
-                f"{uri} line {line_no}: byte {e.start} is not valid UTF-8 ({e.reason}); "
-                "re-encode the file as UTF-8",
-            )
-        else:
-            try:
-                yield index, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield index, DataError(
-                    "malformed_conversation",
-                    f"{uri} line {line_no}: not valid JSON ({e.msg} at column {e.colno})",
-                )
-        index += 1
-
-
-def _iter_lines(uri: str, storage: Optional[StorageConfig], chunk: int = 1 << 20):
-    with _storage.open_input_stream(uri, storage) as f:
-        pending = b""
-        while data := f.read(chunk):
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            yield from lines
-        if pending:
-            yield pending
-
-
-def _iter_json(uri: str, storage: Optional[StorageConfig]):
-    data = _storage.read_bytes(uri, storage)
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{uri}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the "
-            "file, or write one record per line as .jsonl so a bad line rejects only itself"
-        ) from e
-    if not isinstance(records, list):
-        raise ValueError(
-            f"{uri}: top level is a JSON {type(records).__name__}; a .json annotation file "
-            "must be a list of records"
+    if ref.lower().startswith(("http://", "https://")):
+        raise DataError(
+            "remote_url",
+            f"{ref}: omni_ray does not download images from the web; download them and reference the "
+            "local path or s3:// URI",
         )
-    yield from enumerate(records)
-
-
-def resolve_ref(ref: str, base_uri: str) -> str:
-    """Resolve an image reference against the annotation file at ``base_uri``.
-
-    ``s3://`` references and absolute local paths are returned unchanged; relative ones are
-    joined to the annotation file's directory (a local directory or an S3 prefix), so a
-    dataset directory can be moved or uploaded as a whole.
-    """
+    if "://" in ref and not ref.startswith(("s3://", "file://")):
+        raise DataError("bad_path", f"{ref}: unsupported URI scheme; use a path or s3://BUCKET/KEY")
+    base_dir = root if root is not None else _parent(base_uri)
     if _storage.is_remote(ref) or ref.startswith("file://") or os.path.isabs(ref):
-        return ref
-    if _storage.is_remote(base_uri):
-        bucket_key = base_uri[len("s3://") :]
-        bucket, _, key = bucket_key.partition("/")
-        joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), ref))
-        if joined == ".." or joined.startswith("../"):
-            raise DataError(
-                "missing_image",
-                f"image path {ref!r} climbs above the bucket root of {base_uri}",
-            )
-        return f"s3://{bucket}/{joined}"
-    base = base_uri[len("file://") :] if base_uri.startswith("file://") else base_uri
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)), ref))
+        target = _normalize(ref)
+    elif _storage.is_remote(base_dir):
+        target = "s3://" + posixpath.normpath(posixpath.join(base_dir[len("s3://"):], ref))
+    else:
+        target = os.path.normpath(os.path.join(_normalize(base_dir), ref))
+    if not allow_absolute and not _inside(target, _normalize(base_dir)):
+        raise DataError(
+            "unsafe_path",
+            f"image path {ref!r} points outside the dataset folder {base_dir} (absolute or climbing "
+            "with ..); move the images under it, set data.image_root to a folder holding them, or "
+            "set data.allow_absolute_paths: true",
+        )
+    return target
+
+
+def _parent(uri: str) -> str:
+    if _storage.is_remote(uri):
+        return "s3://" + posixpath.dirname(uri[len("s3://"):])
+    return os.path.dirname(_normalize(uri))
+
+
+def _normalize(uri: str) -> str:
+    if _storage.is_remote(uri):
+        return "s3://" + posixpath.normpath(uri[len("s3://"):]).lstrip("/")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _inside(target: str, root: str) -> bool:
+    if _storage.is_remote(target) != _storage.is_remote(root):
+        return False
+    sep = "/" if _storage.is_remote(root) else os.sep
+    return target == root or target.startswith(root.rstrip(sep) + sep)

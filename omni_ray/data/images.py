@@ -36,7 +36,11 @@ padded with grey.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -49,7 +53,9 @@ from omni_ray.data.errors import DataError
 from omni_ray.storage import StorageConfig
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "check_confined",
     "DecodedImage",
     "decode_image",
     "decode_image_info",
@@ -59,6 +65,9 @@ __all__ = [
 
 #: Same default as PIL's ``Image.MAX_IMAGE_PIXELS`` (about 9458 x 9458).
 DEFAULT_MAX_PIXELS = 89_478_485
+#: ``data.max_image_bytes``'s default: far above any photo, far below what would hurt a worker.
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"LA", "RGBA", "La", "RGBa", "PA"}
@@ -124,7 +133,8 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError as e:
         raise DataError(
             "corrupt_image",
-            f"not a known image format ({len(data)} bytes starting {data[:8]!r})",
+            # Never the bytes themselves: reject reports must not leak a file's content.
+            f"not a known image format ({len(data)} bytes)",
         ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise _load_error(e) from e
@@ -201,20 +211,125 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def load_image(ref: str, storage: Optional[StorageConfig] = None) -> bytes:
-    """The raw bytes of the image at ``ref`` (local path or ``s3://`` URI).
+def load_image(
+    ref: str,
+    storage: Optional[StorageConfig] = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+) -> bytes:
+    """The raw bytes of the image at ``ref`` (local path or ``s3://`` URI), or a reason why not.
 
-    A file or object that does not exist (or is a directory) raises
-    ``DataError("missing_image")``. Other I/O errors (network, permissions) propagate:
-    they are infrastructure failures to retry, not properties of the sample.
+    Only regular files are read (a FIFO would block forever, ``/dev/zero`` never ends): others
+    are ``not_a_regular_file``. Files over ``max_bytes`` are ``image_too_large``; a read
+    that takes longer than ``timeout_s`` (a hung network mount) is ``read_timeout``, and the
+    stuck thread is abandoned. Absent files are ``missing_image``; NUL bytes, over-long paths
+    and symlink loops ``bad_path``; anything else (permissions, network) ``unreadable_file``.
     """
+    if _storage.is_remote(ref):
+        return _with_timeout(lambda: _read_object(ref, storage, max_bytes), timeout_s, ref)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    return _with_timeout(lambda: _read_local(path, max_bytes), timeout_s, ref)
+
+
+def _with_timeout(read, timeout_s: float, ref: str) -> bytes:
+    # A daemon thread, not a pool: a read stuck in the kernel must not block interpreter exit.
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["data"] = read()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="omni-ray-image-read", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DataError("read_timeout", f"{ref}: reading took longer than data.read_timeout_s={timeout_s}")
+    if "error" in result:
+        raise result["error"]
+    return result["data"]
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
     try:
-        return _storage.read_bytes(ref, storage)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise DataError("missing_image", f"no image at {ref}") from e
-    except OSError as e:
-        # pyarrow reports "is a directory" / "not a regular file" as plain OSError.
-        text = str(e)
-        if "is a directory" in text or "Not a regular file" in text:
-            raise DataError("missing_image", f"{ref} is a directory, not an image") from e
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat below refuses it anyway.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except ValueError as err:  # "embedded null byte"
+        raise DataError("bad_path", f"image path {path[:200]!r}: {err}") from None
+    except FileNotFoundError:
+        raise DataError("missing_image", f"no image at {path}") from None
+    except OSError as err:
+        raise _os_error(path, err) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+            raise DataError("not_a_regular_file", f"{path} is {kind}, not an image file")
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
         raise
+    with f:
+        try:
+            return _read_capped(f, path, max_bytes)
+        except OSError as err:
+            raise _os_error(path, err) from None
+
+
+def _os_error(path: str, err: OSError) -> DataError:
+    if err.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+        return DataError("bad_path", f"{path[:200]}: {err.strerror}")
+    if err.errno in (errno.ENOTDIR,):
+        return DataError("missing_image", f"no image at {path} ({err.strerror})")
+    return DataError("unreadable_file", f"{path}: {err.strerror or err}")
+
+
+def _read_capped(f, ref: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes``; one byte more means the file is too large (it may grow or lie)."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = f.read(min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise DataError("image_too_large", f"{ref} is larger than data.max_image_bytes={max_bytes}; "
+                        "downscale it or raise the limit")
+    return b"".join(chunks)
+
+
+def _read_object(ref: str, storage: Optional[StorageConfig], max_bytes: int) -> bytes:
+    try:
+        with _storage.open_input_stream(ref, storage) as f:
+            return _read_capped(f, ref, max_bytes)
+    except FileNotFoundError:
+        raise DataError("missing_image", f"no image at {ref}") from None
+    except OSError as err:
+        # pyarrow reports "is a directory" / "not a regular file" as plain OSError.
+        text = str(err)
+        if "is a directory" in text or "Not a regular file" in text:
+            raise DataError("not_a_regular_file", f"{ref} is a directory, not an image") from None
+        raise DataError("unreadable_file", f"{ref}: {text[:300]}") from None
+
+
+def check_confined(ref: str, root: str) -> None:
+    """``unsafe_path`` if local ``ref``, symlinks followed, lies outside ``root``; S3 has no links."""
+    if _storage.is_remote(ref) or _storage.is_remote(root):
+        return
+    try:
+        real, real_root = os.path.realpath(ref), os.path.realpath(root)
+    except (OSError, ValueError):
+        return  # the read reports it (bad_path)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise DataError(
+            "unsafe_path",
+            f"{ref} leads (through a symlink) to {real}, outside the dataset folder {root}; copy the file "
+            "in, set data.image_root, or set data.allow_absolute_paths: true",
+        )

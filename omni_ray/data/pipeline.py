@@ -1,6 +1,6 @@
 """Training input on Ray Data: read, preprocess on CPU workers, stream to the trainers.
 
-    source (prepared Parquet shards on S3/local, or a MiniCPM-V JSON/JSONL file)
+    source (prepared Parquet shards on S3/local, or JSON/JSONL files streamed by one read task)
       -> map_batches(Preprocess)   decode images, chat template, processor, labels (CPU actors)
       -> streaming_split by Ray Train to the training workers
 
@@ -13,23 +13,28 @@ and stops past ``data.max_bad_fraction``.
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+from ray.data.datasource import Datasource
 
 from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
-from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image, load_image
+from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
+from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_sources
 from omni_ray.storage import StorageConfig
 
-OUTPUT_COLUMNS = ("id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
+OUTPUT_COLUMNS = ("row", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
 
 
 class Preprocess:
     """Ray Data callable class: one processor per actor, rows in, processed rows out."""
 
     def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 read_timeout_s: float = 60.0):
         from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
 
         spec = resolve_spec(model, read_hf_config(model, storage))
@@ -37,9 +42,10 @@ class Preprocess:
         self.sample_processor = SampleProcessor(processor, model_max_length, spec.image_inputs)
         self.storage = storage
         self.max_image_pixels = max_image_pixels
+        self.read_limits = {"max_bytes": max_image_bytes, "timeout_s": read_timeout_s}
 
     def process_row(self, row: dict) -> dict:
-        out = {"id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
+        out = {"row": int(row.get("row", -1)), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
                "num_images": 0, "num_image_tokens": 0, "dropped_rounds": 0}
         if row.get("reason"):
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}
@@ -47,11 +53,13 @@ class Preprocess:
             messages = json.loads(row["messages"])
             blobs = row.get("images")
             if blobs is None:
-                blobs = [load_image(ref, self.storage) for ref in row.get("image_refs") or []]
+                blobs = [load_image(ref, self.storage, **self.read_limits) for ref in row.get("image_refs") or []]
             images = [decode_image(bytes(b), max_pixels=self.max_image_pixels) for b in blobs]
             arrays = self.sample_processor(messages, images)
         except DataError as err:
             return {**out, "reason": err.reason, "detail": err.detail}
+        except Exception as err:  # noqa: BLE001 - one sample must never kill the run; it is counted
+            return {**out, "reason": "processing_error", "detail": f"{type(err).__name__}: {err}"[:500]}
         ids = arrays["input_ids"]
         return {**out, "sample": encode(arrays), "num_tokens": len(ids), "num_images": int(arrays["num_images"]),
                 "num_image_tokens": int((ids == self.sample_processor.image_token_id).sum()),
@@ -71,23 +79,9 @@ def _item(value):
     return value
 
 
-def json_rows(uri: str, storage: StorageConfig | None) -> list[dict]:
-    """Normalize a MiniCPM-V / ShareGPT JSON(L) file into rows (image files are read later, by workers)."""
-    from omni_ray.data.formats import iter_records, normalize_record, resolve_ref
-
-    rows = []
-    for index, record in iter_records(uri, storage):
-        row = {"id": f"sample-{index}", "messages": "[]", "image_refs": [], "reason": "", "detail": ""}
-        try:
-            if isinstance(record, DataError):
-                raise record
-            sample = normalize_record(record, index)
-            row.update(id=sample["id"], messages=json.dumps(sample["messages"]),
-                       image_refs=[resolve_ref(r, uri) for r in sample["image_refs"]])
-        except DataError as err:
-            row.update(reason=err.reason, detail=err.detail)
-        rows.append(row)
-    return rows
+def json_rows(uri: str, storage: StorageConfig | None, policy: Optional[InputPolicy] = None):
+    """Normalized rows of one JSON/JSONL file, streamed (image files are read later, by workers)."""
+    return iter_rows([uri], storage, policy)
 
 
 def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
@@ -100,15 +94,95 @@ def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
     return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
 
 
-def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
+class JsonRowsDatasource(Datasource):
+    """Annotation files into Ray Data: one read task streams rows in blocks of ``rows_per_block``.
+
+    One task reads the files in order, so ``row`` stays global without a counting pass, and
+    it holds one block of text (no images) at a time; neither the driver nor the object
+    store ever holds the dataset at once. Images are read after it, by ``Preprocess``.
+    """
+
+    def __init__(self, files: list[str], storage: Optional[StorageConfig], policy: InputPolicy,
+                 rows_per_block: int = 256):
+        self.files, self.storage, self.policy, self.rows_per_block = files, storage, policy, rows_per_block
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_name(self) -> str:
+        return "OmniRayJsonRows"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context=None):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        files, storage, policy, n = self.files, self.storage, self.policy, self.rows_per_block
+
+        def read_fn():
+            block = []
+            for row in iter_rows(files, storage, policy):
+                block.append(row)
+                if len(block) == n:
+                    yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
+                    block = []
+            if block:
+                yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
+
+        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(files))
+        return [ReadTask(read_fn, meta, schema=ROW_COLUMNS)]
+
+
+def _with_rows(batch: pa.Table, first_rows: dict) -> pa.Table:
+    """Prepared shards: ``row`` = the shard's first row (manifest, in shard order) + the row in it."""
+    shards = batch.column("shard").to_numpy()
+    offsets = np.asarray([first_rows[int(s)] for s in shards], dtype=np.int64)
+    rows = offsets + batch.column("shard_row").to_numpy().astype(np.int64)
+    return batch.append_column("row", pa.array(rows, pa.int64()))
+
+
+def read_source(source: str | list[str], data: DataConfig, storage: StorageConfig | None):
+    """The unprocessed rows of ``source`` as a Ray Dataset, each with its ``row`` position."""
+    import ray.data
+
+    from omni_ray import storage as st
+
+    kind, uris = resolve_sources(source, storage)
+    env = {"env_vars": storage.worker_env()} if storage else None
+    if kind == "json":
+        return ray.data.read_datasource(JsonRowsDatasource(uris, storage, InputPolicy.from_data(data)),
+                                        runtime_env=env)
+    from omni_ray.data.prepare import read_manifest, shard_uris
+
+    manifest = read_manifest(uris[0], storage)
+    fs, _ = st.resolve(uris[0], storage)
+    paths = [st.resolve(u, storage)[1] for u in shard_uris(uris[0], manifest)]
+    first_rows = {s["shard"]: s["first_row"] for s in manifest["shards"]}
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools",
+                                                              "shard", "shard_row"], runtime_env=env)
+    return ds.map_batches(_with_rows, fn_kwargs={"first_rows": first_rows}, batch_format="pyarrow", runtime_env=env)
+
+
+def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig | None) -> int:
+    """Rows in one epoch of ``source``: a prepared manifest's accepted count, or the JSON files'
+    records (one streaming pass; rejected records count, they flow through as rows)."""
+    from omni_ray.data.reader import iter_records
+
+    kind, uris = resolve_sources(source, storage)
+    if kind == "prepared":
+        from omni_ray.data.prepare import read_manifest
+
+        return int(read_manifest(uris[0], storage)["counts"]["accepted"])
+    policy = InputPolicy.from_data(data)
+    return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
+
+
+def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
                   *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix or JSON/JSONL file).
+    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
 
     ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
     """
     import ray.data
-
-    from omni_ray import storage as st
 
     context = ray.data.DataContext.get_current()
     # Training prints its own progress line per report; Ray Data's bars would interleave with it.
@@ -116,18 +190,11 @@ def build_dataset(source: str, data: DataConfig, model: ModelConfig, storage: St
     # A deterministic order per worker: runs are reproducible, and a resumed run skips exactly
     # the rows the interrupted one trained on (see train.loop.epoch_batches).
     context.execution_options.preserve_order = True
-    if source.endswith((".json", ".jsonl")):
-        ds = ray.data.from_items(json_rows(source, storage))
-    else:
-        from omni_ray.data.prepare import read_manifest, shard_uris
-
-        manifest = read_manifest(source, storage)
-        fs, _ = st.resolve(source, storage)
-        paths = [st.resolve(u, storage)[1] for u in shard_uris(source, manifest)]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images"])
+    ds = read_source(source, data, storage)
     return ds.map_batches(
         Preprocess,
-        fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels),
+        fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
+                             data.max_image_bytes, data.read_timeout_s),
         batch_size=16,
         concurrency=concurrency or preprocess_pool(data, num_workers),
         num_cpus=data.num_cpus_per_preprocess_task,

@@ -11,17 +11,27 @@ from object storage (pain 10).
 Layout written under ``out`` (a local directory or an ``s3://`` prefix)::
 
     shard-00000.parquet ...   accepted samples, at most ``rows_per_shard`` rows each
-    rejects.jsonl             {"id", "index", "reason", "detail"} per rejected sample
+    rejects.jsonl             {"id", "record", "source", "index", "reason", "detail"} per rejected sample
     manifest.json             written LAST: counts, shard list with sizes and sha256
 
 Parquet row schema (:data:`ROW_SCHEMA`)::
 
-    id: string            the sample id (or "sample-<index>")
-    messages: string      JSON list of {"role", "content"}; images as "<image>"
+    id: string            the user's id (or "sample-<record>"); may repeat, reported only
+    messages: string      JSON list of {"role", "content"[, "loss"]}; images as "<image>"
     images: list<binary>  encoded image bytes, in placeholder order (original bytes, or
                           PNG when decoding needed conversion, see images.DecodedImage)
     num_images: int32     len(images); 0 for text-only samples
-    source_index: int64   the record's position in the annotation file
+    video_refs: list<string>  resolved video URIs (checked readable; decoded at training)
+    tools: string         JSON list of tools, "" when none
+    source_file: int32    index into the manifest's "sources"
+    source_index: int64   the record's position in its file
+    shard: int32, shard_row: int32   where the row lies; its dataset position ``row`` is
+                          the manifest's ``first_row`` of the shard + ``shard_row``
+
+``row`` numbers accepted samples 0..N-1 in shard order, the same every run: training
+identifies rows by it (resume, skipping), never by the user's id, so two files that both
+number ids from "0" lose nothing. Repeated ids are counted in the manifest's
+``duplicate_ids`` (count and examples), never skipped.
 
 How the work is split: the driver streams records from the annotation file (text only,
 never images), normalizes them (rejecting malformed ones at once) and groups the good ones
@@ -51,15 +61,16 @@ import posixpath
 import re
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omni_ray import storage as _storage
-from omni_ray.data.errors import DataError
-from omni_ray.data.formats import iter_records, normalize_record, resolve_ref
+from omni_ray.data.errors import DataError, DataSourceError
+from omni_ray.data.identity import DuplicateIds
 from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image_info, encode_png, load_image
+from omni_ray.data.reader import InputPolicy, iter_rows, resolve_sources
 from omni_ray.storage import StorageConfig
 
 __all__ = [
@@ -76,7 +87,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped when the manifest or row layout changes incompatibly.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 
@@ -87,7 +98,12 @@ ROW_SCHEMA = pa.schema(
         pa.field("messages", pa.string(), nullable=False),
         pa.field("images", pa.list_(pa.binary()), nullable=False),
         pa.field("num_images", pa.int32(), nullable=False),
+        pa.field("video_refs", pa.list_(pa.string()), nullable=False),
+        pa.field("tools", pa.string(), nullable=False),
+        pa.field("source_file", pa.int32(), nullable=False),
         pa.field("source_index", pa.int64(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("shard_row", pa.int32(), nullable=False),
     ]
 )
 
@@ -122,107 +138,116 @@ def shard_name(shard: int) -> str:
 
 
 def prepare(
-    src: str,
+    src: Union[str, list[str]],
     out: str,
     *,
     storage: Optional[StorageConfig] = None,
+    policy: Optional[InputPolicy] = None,
     rows_per_shard: int = 512,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shards_per_wave: int = 64,
 ) -> dict:
-    """Validate ``src`` (a .json/.jsonl annotation file) and write shards under ``out``.
+    """Validate ``src`` (annotation files / folders, read in order as one dataset) into ``out``.
 
-    Returns the manifest (also written to ``out/manifest.json``). ``rows_per_shard`` bounds
-    the rows per shard, and so the image bytes one task holds in memory; ``max_pixels`` is
-    the decompression-bomb limit per image; ``shards_per_wave`` bounds how many shard
-    groups the driver hands to Ray at once (and so the driver's memory for text); keep it
-    at or above the cluster's CPU count so every CPU gets a shard. ``storage`` applies to ``src``, the images and
-    ``out`` alike; its credentials reach the Ray tasks through their ``runtime_env``.
+    Returns the manifest (also written to ``out/manifest.json``). ``policy`` holds the input
+    limits (``InputPolicy.from_data(data_config)``; image root, size caps, timeouts);
+    ``rows_per_shard`` bounds the rows per shard, and so the image bytes one task holds in
+    memory; ``max_pixels`` is the decompression-bomb limit per image; ``shards_per_wave``
+    bounds how many shard groups the driver hands to Ray at once (and so the driver's memory
+    for text); keep it at or above the cluster's CPU count so every CPU gets a shard.
+    ``storage`` applies to ``src``, the images and ``out`` alike; its credentials reach the
+    Ray tasks through their ``runtime_env``. A missing or unreadable source raises
+    :class:`DataSourceError` before anything is written.
     """
-    import ray.data
-    from tqdm.auto import tqdm
-
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard={rows_per_shard}: must be at least 1")
     if shards_per_wave < 1:
         raise ValueError(f"shards_per_wave={shards_per_wave}: must be at least 1")
-
-    if not _storage.is_remote(src):
-        src = os.path.abspath(src)  # Ray workers do not share the driver's cwd
+    sources = [src] if isinstance(src, str) else list(src)
+    sources = [s if _storage.is_remote(s) else os.path.abspath(s) for s in sources]  # workers lack our cwd
+    kind, files = resolve_sources(sources, storage, key="data prepare SRC")
+    if kind == "prepared":
+        raise DataSourceError(files[0], "is already prepared (has manifest.json); give the JSON/JSONL files",
+                              "data prepare SRC")
     if not _storage.is_remote(out):
         out = os.path.abspath(out)
         _warn_if_multi_node(out)
     _clear_output(out, storage)
-    task_args = {"out": out, "storage": storage, "max_pixels": max_pixels}
-    uses_s3 = storage is not None or _storage.is_remote(src) or _storage.is_remote(out)
+    policy = policy or InputPolicy()
+    uses_s3 = storage is not None or any(map(_storage.is_remote, [*files, out]))
     env = (storage or StorageConfig()).worker_env() if uses_s3 else {}
+    task_args = {"out": out, "storage": storage, "max_pixels": max_pixels, "policy": policy}
+    state = _run_waves(files, storage, policy, task_args, env, rows_per_shard * shards_per_wave,
+                       rows_per_shard, progress)
+    return _finish(files, out, storage, state, rows_per_shard)
 
-    total = 0
-    rejects: list[dict] = []
-    summaries: list[dict] = []
-    pending: list[dict] = []
-    next_shard = 0
-    bar = tqdm(desc=f"prepare {src}", unit="sample", disable=not progress)
 
-    def run_wave(samples: list[dict], first_shard: int) -> int:
-        groups = [
-            {"shard": first_shard + k, "samples": json.dumps(samples[i : i + rows_per_shard])}
-            for k, i in enumerate(range(0, len(samples), rows_per_shard))
-        ]
-        ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
-            _process_groups,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs=task_args,
-            num_cpus=1,
-            runtime_env={"env_vars": env} if env else None,
-        )
-        for summary in ds.iter_rows():
-            summaries.append(summary)
-            rejects.extend(json.loads(summary["rejects"]))
-            bar.update(summary["samples"])
-        return first_shard + len(groups)
+def _run_waves(files, storage, policy, task_args, env, wave_rows, rows_per_shard, progress) -> dict:
+    """Stream records, reject bad text at once, hand shard groups to Ray in waves."""
+    import ray.data
+    from tqdm.auto import tqdm
 
+    state = {"total": 0, "rejects": [], "summaries": [], "next_shard": 0, "dupes": DuplicateIds()}
+    bar = tqdm(desc=f"prepare {files[0]}" + (f" (+{len(files) - 1})" if len(files) > 1 else ""),
+               unit="sample", disable=not progress)
     ctx = ray.data.DataContext.get_current()
-    saved_bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False  # one tqdm bar over all waves instead of one per wave
+    saved_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # one bar over all waves
+    pending: list[dict] = []
     try:
-        for index, item in iter_records(src, storage):
-            total += 1
-            try:
-                if isinstance(item, DataError):
-                    raise item
-                sample = normalize_record(item, index)
-                refs = [resolve_ref(ref, src) for ref in sample["image_refs"]]
-            except DataError as err:
-                rejects.append(_reject(_record_id(item, index), index, err))
+        for row in iter_rows(files, storage, policy):
+            state["total"] += 1
+            state["dupes"].add(row["id"], row["row"])
+            if row["reason"]:
+                state["rejects"].append(_reject(row, files, DataError(row["reason"], row["detail"])))
                 bar.update(1)
                 continue
-            pending.append(
-                {
-                    "id": sample["id"],
-                    "messages": json.dumps(sample["messages"], ensure_ascii=False),
-                    "image_refs": refs,
-                    "source_index": index,
-                }
-            )
-            if len(pending) == rows_per_shard * shards_per_wave:
-                next_shard = run_wave(pending, next_shard)
+            pending.append(row)
+            if len(pending) == wave_rows:
+                _run_wave(pending, state, task_args, env, rows_per_shard, bar)
                 pending = []
         if pending:
-            next_shard = run_wave(pending, next_shard)
+            _run_wave(pending, state, task_args, env, rows_per_shard, bar)
     finally:
         ctx.enable_progress_bars = saved_bars
         bar.close()
+    for r in state["rejects"]:
+        r["source"] = files[r["source"]] if isinstance(r["source"], int) else r["source"]
+    return state
 
-    rejects.sort(key=lambda r: r["index"])
+
+def _run_wave(samples: list[dict], state: dict, task_args: dict, env: dict, rows_per_shard: int, bar) -> None:
+    import ray.data
+
+    first = state["next_shard"]
+    groups = [
+        {"shard": first + k, "samples": json.dumps(samples[i: i + rows_per_shard], ensure_ascii=False)}
+        for k, i in enumerate(range(0, len(samples), rows_per_shard))
+    ]
+    ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+        _process_groups,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs=task_args,
+        num_cpus=1,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    for summary in ds.iter_rows():
+        state["summaries"].append(summary)
+        state["rejects"].extend(json.loads(summary["rejects"]))
+        bar.update(summary["samples"])
+    state["next_shard"] = first + len(groups)
+
+
+def _finish(files: list[str], out: str, storage, state: dict, rows_per_shard: int) -> dict:
+    rejects = sorted(state["rejects"], key=lambda r: r["record"])
     _storage.write_bytes(
         _storage.join(out, REJECTS_NAME),
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
         storage,
     )
-    manifest = _manifest(src, total, rejects, summaries, rows_per_shard)
+    manifest = _manifest(files, state["total"], rejects, state["summaries"], rows_per_shard)
+    manifest["duplicate_ids"] = state["dupes"].report()
     _storage.write_bytes(
         _storage.join(out, MANIFEST_NAME),
         (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode(),
@@ -230,9 +255,9 @@ def prepare(
     )
     counts = manifest["counts"]
     log.info(
-        "prepared %s -> %s: %d accepted, %d rejected %s, %d shards",
-        src, out, counts["accepted"], counts["rejected"], counts["by_reason"],
-        len(manifest["shards"]),
+        "prepared %s -> %s: %d accepted, %d rejected %s, %d shards, %d repeated ids",
+        files, out, counts["accepted"], counts["rejected"], counts["by_reason"],
+        len(manifest["shards"]), manifest["duplicate_ids"]["count"],
     )
     return manifest
 
@@ -259,38 +284,36 @@ def _clear_output(out: str, storage: Optional[StorageConfig]) -> None:
             _storage.delete(_storage.join(out, rel), storage)
 
 
-def _record_id(item: Any, index: int) -> str:
-    if isinstance(item, dict) and item.get("id") not in (None, ""):
-        return str(item["id"])
-    return f"sample-{index}"
-
-
-def _reject(sample_id: str, index: int, err: DataError) -> dict:
-    return {"id": sample_id, "index": index, "reason": err.reason, "detail": err.detail}
+def _reject(sample: dict, files: Optional[list[str]], err: DataError) -> dict:
+    """One rejects.jsonl entry: ids and places only, never file content."""
+    source = sample["source_file"]
+    return {"id": sample["id"], "record": sample["row"], "source": files[source] if files else source,
+            "index": sample["source_index"], "reason": err.reason, "detail": err.detail}
 
 
 def _manifest(
-    src: str, total: int, rejects: list[dict], summaries: list[dict], rows_per_shard: int
+    files: list[str], total: int, rejects: list[dict], summaries: list[dict], rows_per_shard: int
 ) -> dict:
     summaries = sorted(summaries, key=lambda s: s["shard"])
-    shards = [
-        {"path": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]}
-        for s in summaries
-        if s["path"]
-    ]
-    accepted = sum(s["rows"] for s in shards)
-    if accepted + len(rejects) != total:  # a bug here would silently lose samples
+    shards, first_row = [], 0
+    for s in summaries:
+        if s["path"]:
+            shards.append({"shard": s["shard"], "path": s["path"], "rows": s["rows"], "first_row": first_row,
+                           "bytes": s["bytes"], "sha256": s["sha256"]})
+            first_row += s["rows"]
+    if first_row + len(rejects) != total:  # a bug here would silently lose samples
         raise RuntimeError(
-            f"internal error: {total} records read but {accepted} accepted + "
+            f"internal error: {total} records read but {first_row} accepted + "
             f"{len(rejects)} rejected"
         )
     return {
         "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": src,
+        "source": files[0] if len(files) == 1 else files,
+        "sources": files,
         "counts": {
             "total": total,
-            "accepted": accepted,
+            "accepted": first_row,
             "rejected": len(rejects),
             "by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         },
@@ -307,11 +330,11 @@ def _manifest(
 
 
 def _process_groups(
-    batch: pa.Table, *, out: str, storage: Optional[StorageConfig], max_pixels: int
+    batch: pa.Table, *, out: str, storage: Optional[StorageConfig], max_pixels: int, policy: InputPolicy
 ) -> pa.Table:
     """map_batches UDF: validate each group's images and write its shard; return summaries."""
     summaries = [
-        _process_group(shard, samples, out, storage, max_pixels)
+        _process_group(shard, samples, out, storage, max_pixels, policy)
         for shard, samples in zip(
             batch.column("shard").to_pylist(), batch.column("samples").to_pylist()
         )
@@ -320,25 +343,24 @@ def _process_groups(
 
 
 def _process_group(
-    shard: int, samples_json: str, out: str, storage: Optional[StorageConfig], max_pixels: int
+    shard: int, samples_json: str, out: str, storage: Optional[StorageConfig], max_pixels: int,
+    policy: InputPolicy,
 ) -> dict:
     samples = json.loads(samples_json)
     rows, rejects = [], []
     for sample in samples:
         try:
-            images = [_validated_image(ref, storage, max_pixels) for ref in sample["image_refs"]]
+            images = [_validated_image(ref, storage, max_pixels, policy) for ref in sample["image_refs"]]
+            for ref in sample["video_refs"]:  # decoded at training; here only checked readable and in limits
+                _read(ref, storage, policy)
         except DataError as err:
-            rejects.append(_reject(sample["id"], sample["source_index"], err))
+            rejects.append(_reject(sample, None, err))
             continue
-        rows.append(
-            {
-                "id": sample["id"],
-                "messages": sample["messages"],
-                "images": images,
-                "num_images": len(images),
-                "source_index": sample["source_index"],
-            }
-        )
+        rows.append({
+            "id": sample["id"], "messages": sample["messages"], "images": images, "num_images": len(images),
+            "video_refs": sample["video_refs"], "tools": sample["tools"], "source_file": sample["source_file"],
+            "source_index": sample["source_index"], "shard": shard, "shard_row": len(rows),
+        })
     summary = {
         "shard": shard,
         "path": "",
@@ -358,13 +380,19 @@ def _process_group(
     return summary
 
 
-def _validated_image(ref: str, storage: Optional[StorageConfig], max_pixels: int) -> bytes:
+def _read(ref: str, storage: Optional[StorageConfig], policy: InputPolicy) -> bytes:
+    return load_image(ref, storage, max_bytes=policy.max_image_bytes, timeout_s=policy.read_timeout_s)
+
+
+def _validated_image(ref: str, storage: Optional[StorageConfig], max_pixels: int, policy: InputPolicy) -> bytes:
     """Bytes to store for ``ref``: the original, or PNG when decoding had to convert."""
     try:
-        data = load_image(ref, storage)
+        data = _read(ref, storage, policy)
         decoded = decode_image_info(data, max_pixels=max_pixels)
     except DataError as err:
-        raise DataError(err.reason, f"{ref}: {err.detail}") from err
+        raise DataError(err.reason, err.detail if ref in err.detail else f"{ref}: {err.detail}") from err
+    except Exception as err:  # noqa: BLE001 - one broken image must not stop prepare; it is reported
+        raise DataError("processing_error", f"{ref}: {type(err).__name__}: {err}"[:500]) from err
     return encode_png(decoded.image) if decoded.converted else data
 
 

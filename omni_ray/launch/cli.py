@@ -91,12 +91,15 @@ def cmd_demo(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     from omni_ray.data.prepare import prepare
+    from omni_ray.data.reader import InputPolicy
     from omni_ray.storage import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    manifest = prepare(args.src, args.out, storage=storage, rows_per_shard=args.rows_per_shard,
+    policy = InputPolicy(max_image_bytes=args.max_image_bytes, image_root=args.image_root,
+                         allow_absolute_paths=args.allow_absolute_paths)
+    manifest = prepare(args.src, args.out, storage=storage, policy=policy, rows_per_shard=args.rows_per_shard,
                        max_pixels=args.max_pixels)
-    print(json.dumps(manifest["counts"]))
+    print(json.dumps({**manifest["counts"], "duplicate_ids": manifest["duplicate_ids"]["count"]}))
     return 0
 
 
@@ -104,7 +107,7 @@ def cmd_data_check(args) -> int:
     from omni_ray.data.check import check, format_report
 
     cfg = _config(args)
-    report = check(args.prefix, cfg)
+    report = check(args.prefix, cfg.data, cfg.model, cfg.storage)
     print(format_report(report))
     return 0 if report["bad_fraction"] <= cfg.data.max_bad_fraction else 1
 
@@ -166,12 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = _Subparsers(sub.add_parser("data", help="prepare and check datasets").add_subparsers(
         dest="data_command", required=True), common)
-    prep = data.add_parser("prepare", help="JSON/JSONL (MiniCPM-V or ShareGPT format) -> Parquet shards")
-    prep.add_argument("src")
+    prep = data.add_parser("prepare", help="JSON/JSONL (MiniCPM-V, LLaVA, ShareGPT, ms-swift) -> Parquet shards")
+    prep.add_argument("src", nargs="+", help="annotation files or folders of them, read in order as one dataset")
     prep.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
     prep.add_argument("--rows-per-shard", type=int, default=512)
     prep.add_argument("--max-pixels", type=int, default=89_478_485,
                       help="reject larger images as decompression_bomb (default: PIL's limit)")
+    prep.add_argument("--max-image-bytes", type=int, default=64 << 20, help="reject larger image files")
+    prep.add_argument("--image-root", default=None,
+                      help="folder relative image paths resolve against (default: each JSON file's folder)")
+    prep.add_argument("--allow-absolute-paths", action="store_true",
+                      help="accept absolute image paths and .. leaving the image root")
     prep.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                       help="S3-compatible endpoint (MinIO, moto); default $AWS_ENDPOINT_URL")
     prep.set_defaults(fn=cmd_data_prepare)

@@ -92,6 +92,35 @@ def check_local_gpus(scaling: ScalingConfig) -> None:
                           "submit to a GPU cluster (RAY_ADDRESS)")
 
 
+def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> None:
+    """On a cluster, ask the autoscaler for the GPU workers and wait for them, up to a named timeout.
+
+    GPU node groups often scale from zero: the GPUs appear only after the autoscaler sees a
+    request. Without a bound, a cluster that cannot get GPU nodes (quota, no spot capacity, a
+    wrong node type) leaves the run pending forever with no word.
+    """
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    per_worker = scaling.resources_per_worker.get("GPU", 1.0)
+    want = scaling.num_workers * per_worker
+    if ray.cluster_resources().get("GPU", 0.0) >= want:
+        return
+    request_resources(bundles=[{"GPU": per_worker}] * scaling.num_workers)
+    deadline = time.monotonic() + scaling.gpu_wait_timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if ray.cluster_resources().get("GPU", 0.0) >= want:
+            return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    raise ConfigError(
+        f"scaling.gpu_wait_timeout_s: waited {scaling.gpu_wait_timeout_s:g}s for {want:g} GPUs and the cluster has "
+        f"{have:g}; check the cluster's GPU worker group (max replicas, instance type, spot capacity, quota), lower "
+        "scaling.num_workers, or raise scaling.gpu_wait_timeout_s")
+
+
 def run_location(run: RunConfig, storage: StorageConfig) -> tuple[str, str, object | None]:
     """(run URI, storage_path, filesystem): where the run lives, for the workers and for Ray Train."""
     from omni_ray import storage as st
@@ -103,27 +132,19 @@ def run_location(run: RunConfig, storage: StorageConfig) -> tuple[str, str, obje
     return st.join(local, run.name), local, None
 
 
-def count_rows(source: str, storage: StorageConfig) -> int:
-    if source.endswith((".json", ".jsonl")):
-        from omni_ray.data.formats import iter_records
-
-        return sum(1 for _ in iter_records(source, storage))
-    from omni_ray.data.prepare import read_manifest
-
-    return int(read_manifest(source, storage)["counts"]["accepted"])
-
-
 def train(cfg: Config):
     """Run training under Ray Train; returns Ray's Result (metrics, checkpoint, path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from omni_ray.data.pipeline import build_dataset
+    from omni_ray.data.pipeline import build_dataset, count_rows
     from omni_ray.train.loop import train_loop_per_worker
 
     validate(cfg)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
-    num_rows = count_rows(cfg.data.train, cfg.storage)
+    if cfg.scaling.use_gpu:
+        wait_for_gpus(cfg.scaling)
+    num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     run_uri, storage_path, filesystem = run_location(cfg.run, cfg.storage)
     trainer = TorchTrainer(

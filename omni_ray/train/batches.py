@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omni_ray.config import DataConfig, TrainConfig
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import SampleProcessor, decode
+from omni_ray.data.position import PositionSet
 from omni_ray.models.spec import ModelSpec
 
 
@@ -41,17 +42,21 @@ class Batcher:
 
 @dataclass
 class TrainState:
-    """Where the run is: optimizer steps taken, the epoch, and the rows of this epoch already trained."""
+    """Where the run is: optimizer steps taken, the epoch, and the rows of this epoch already trained.
+
+    Rows are identified by their position in the dataset (the ``row`` column: 0..N-1, the same
+    every run), never by the user's ids, which repeat across files.
+    """
 
     step: int = 0
     epoch: int = 0
-    consumed: set = field(default_factory=set)
+    consumed: PositionSet = field(default_factory=PositionSet)
     resumed_from: int | None = None
     saved_at: int = -1
 
 
 class EpochBatches:
-    """This rank's micro-batches, epoch after epoch, as ``(ids, batch)``.
+    """This rank's micro-batches, epoch after epoch.
 
     The shuffle is a function of (seed, epoch) over this rank's stream, and skipping trained
     rows happens after it, so a resumed run sees exactly the rows the interrupted one had not
@@ -76,7 +81,7 @@ class EpochBatches:
 
     def next_epoch(self) -> None:
         self.state.epoch += 1
-        self.state.consumed = set()
+        self.state.consumed = PositionSet()
         self._it = self._epoch(self.state.epoch)
 
     def _rows(self, epoch: int):
@@ -90,10 +95,10 @@ class EpochBatches:
         for rows in self._rows(epoch):
             samples, fresh = [], 0
             for i, reason in enumerate(rows["reason"]):
-                key = str(rows["id"][i])
-                if key in self.state.consumed:
+                position = int(rows["row"][i])
+                if position in self.state.consumed:
                     continue
-                self.state.consumed.add(key)
+                self.state.consumed.add(position)
                 fresh += 1
                 if reason:
                     self.rejected[str(reason)] += 1

@@ -175,7 +175,7 @@ def load(path: str | Path, base_dir: str | Path) -> dict:
     sharded = manifest.get("layout") == "sharded"
     return {"tensors": {} if sharded else load_tensors(path), "sharded_dir": str(path) if sharded else None,
             "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
-            "consumed_ids": state["consumed_ids"], "rng": state["rng"]}
+            "consumed": state["consumed"], "rng": state["rng"]}
 
 
 def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):

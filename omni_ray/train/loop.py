@@ -24,6 +24,7 @@ import torch.distributed as dist
 from omni_ray.config import Config
 from omni_ray.data.conversation import SampleProcessor
 from omni_ray.data.errors import REASONS
+from omni_ray.data.position import PositionSet
 from omni_ray.freeze import param_groups
 from omni_ray.models.loading import load_processor
 from omni_ray.strategies import build_strategy
@@ -32,7 +33,7 @@ from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
 from omni_ray.train.guard import FreezeGuard
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
-from omni_ray.train.resume import gather_ids, pick_checkpoint
+from omni_ray.train.resume import gather_positions, pick_checkpoint
 from omni_ray.train.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> 
         engine.load_trainable(saved["tensors"])
     engine.load_state(saved["train_state"])
     torch.set_rng_state(saved["rng"]["torch"])
-    state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=set(saved["consumed_ids"]),
+    state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=PositionSet.from_json(saved["consumed"]),
                        resumed_from=saved["step"], saved_at=saved["step"])
     if session.rank == 0:
         log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
@@ -120,7 +121,8 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
     """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
-    train_state = {"epoch": state.epoch, "consumed_ids": gather_ids(state.consumed),
+    # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
+    train_state = {"epoch": state.epoch, "consumed": gather_positions(state.consumed).to_json(),
                    "rng": {"torch": torch.get_rng_state()}}
     path = ckpt.save(engine, guard.plan, cfg, state.step, session.rank, train_state, base_dir)
     # The last one uploads synchronously so the run ends with it in storage.

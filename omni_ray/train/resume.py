@@ -13,6 +13,7 @@ import tempfile
 import torch.distributed as dist
 
 from omni_ray import storage as st
+from omni_ray.data.position import PositionSet
 from omni_ray.storage import StorageConfig
 from omni_ray.train import checkpoint as ckpt
 
@@ -35,10 +36,13 @@ def pick_checkpoint(registered: str | None, run_uri: str | None, storage: Storag
     return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), storage)
 
 
-def gather_ids(ids: set) -> list[str]:
-    """The union of every rank's consumed sample ids (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return sorted(ids)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, sorted(ids))
-    return sorted(set().union(*parts))
+def gather_positions(local: PositionSet) -> PositionSet:
+    """The union of every rank's consumed row positions (collective)."""
+    merged = PositionSet()
+    merged.update(local)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local.to_json())
+        for part in parts:
+            merged.update(PositionSet.from_json(part))
+    return merged

@@ -197,8 +197,8 @@ def test_rerun_resumes_and_sees_every_sample_once(ray_local, s3, proxy, tiny_min
     assert "error" in box  # part 1 died with its worker (max_failures: 0)
     # What each checkpoint of part 1 says was trained (read now: checkpoint.keep prunes them later).
     trained_by_step = {
-        step: set(torch.load(os.path.join(st.download_dir(uri, str(tmp_path / str(step)), cfg.storage),
-                                          "train_state.pt"), weights_only=False)["consumed_ids"])
+        step: positions(torch.load(os.path.join(st.download_dir(uri, str(tmp_path / str(step)), cfg.storage),
+                                                "train_state.pt"), weights_only=True)["consumed"])
         for step, uri in checkpoints(cfg)
     }
 
@@ -208,11 +208,18 @@ def test_rerun_resumes_and_sees_every_sample_once(ray_local, s3, proxy, tiny_min
     # checkpoint counts once every rank reported it; the one being written at the kill may not).
     assert m["resumed_from_step"] in trained_by_step and m["resumed_from_step"] >= 2
     first_part = trained_by_step[m["resumed_from_step"]]
-    all_ids = {json.loads(line)["id"] for line in color_data[0].read_text().splitlines()}
-    final = torch.load(os.path.join(result.checkpoint.to_directory(), "train_state.pt"), weights_only=False)
-    assert set(final["consumed_ids"]) == all_ids
+    all_ids = set(range(len(color_data[0].read_text().splitlines())))  # row positions 0..N-1
+    final = torch.load(os.path.join(result.checkpoint.to_directory(), "train_state.pt"), weights_only=True)
+    assert positions(final["consumed"]) == all_ids
     # Part two trained exactly the rows part one had not: nothing twice, nothing skipped.
     assert len(first_part) + m["samples_seen"] == len(all_ids)
+
+
+def positions(saved: str) -> set[int]:
+    """The row positions a checkpoint's data position holds."""
+    from omni_ray.data.position import PositionSet
+
+    return {i for start, stop in PositionSet.from_json(saved).ranges() for i in range(start, stop)}
 
 
 def test_s3_outage_during_upload_fails_clearly_and_keeps_the_last_good_checkpoint(

@@ -15,22 +15,22 @@ from PIL import Image
 import pyarrow.parquet as pq
 
 from badsamples import (  # tests/badsamples.py: the shared catalogue of good and bad samples
-    ASTRONAUT_JPG, EXPECTED_REJECTS, GOOD_IDS, IMAGES, MAX_PIXELS, RAW_LINES, RECORDS, _dataset_files,
+    ASTRONAUT_JPG, EXPECTED_REJECTS, GOOD_IDS, IMAGES, LOCAL_EXPECTED_REJECTS, MAX_IMAGE_BYTES, MAX_PIXELS,
+    RAW_IDS, _dataset_files, write_local,
 )
 from omni_ray import storage as st
 from omni_ray.data.images import decode_image
 from omni_ray.data.prepare import ROW_SCHEMA, prepare, read_manifest, shard_uris
+from omni_ray.data.reader import InputPolicy
+
+POLICY = InputPolicy(max_image_bytes=MAX_IMAGE_BYTES, read_timeout_s=20)
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
 def local_src(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("raw")
-    for rel, data in _dataset_files().items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return str(root / "train.jsonl")
+    return str(write_local(tmp_path_factory.mktemp("raw")))  # with the FIFO, symlinks, a directory
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,16 @@ def s3_src(ray_local, s3) -> str:
     return s3.uri("raw/train.jsonl")
 
 
-def _check_manifest(manifest: dict, src: str) -> None:
-    assert manifest["schema_version"] == 1
-    assert manifest["source"] == src
+def _check_manifest(manifest: dict, src: str, expected: dict) -> None:
+    assert manifest["schema_version"] == 2
+    assert manifest["source"] == src and manifest["sources"] == [src]
     assert manifest["counts"] == {
-        "total": len(RECORDS) + len(RAW_LINES),
+        "total": len(GOOD_IDS) + len(expected),
         "accepted": len(GOOD_IDS),
-        "rejected": len(EXPECTED_REJECTS),
+        "rejected": len(expected),
         "by_reason": {
-            reason: sorted(EXPECTED_REJECTS.values()).count(reason)
-            for reason in sorted(set(EXPECTED_REJECTS.values()))
+            reason: sorted(expected.values()).count(reason)
+            for reason in sorted(set(expected.values()))
         },
     }
     assert manifest["text_only_count"] == 2
@@ -60,16 +60,25 @@ def _check_manifest(manifest: dict, src: str) -> None:
     assert all(0 < s["rows"] <= 3 for s in manifest["shards"])
     assert sum(s["rows"] for s in manifest["shards"]) == len(GOOD_IDS)
     assert len({s["path"] for s in manifest["shards"]}) == len(manifest["shards"])
+    # Rows are numbered 0..N-1 over accepted samples, in shard order.
+    firsts = [s["first_row"] for s in manifest["shards"]]
+    assert firsts == [sum(s["rows"] for s in manifest["shards"][:k]) for k in range(len(firsts))]
+    assert manifest["duplicate_ids"] == {"count": 0, "examples": []}
 
 
-def _check_rejects(data: bytes) -> None:
+def _check_rejects(data: bytes, src: str, expected: dict) -> None:
     rejects = [json.loads(line) for line in data.decode().splitlines()]
-    assert {r["id"]: r["reason"] for r in rejects} == EXPECTED_REJECTS
-    assert all(set(r) == {"id", "index", "reason", "detail"} and r["detail"] for r in rejects)
+    assert {r["id"]: r["reason"] for r in rejects} == expected
+    assert all(set(r) == {"id", "record", "source", "index", "reason", "detail"} and r["detail"] for r in rejects)
+    assert all(r["source"] == src for r in rejects)
+    assert "root:" not in data.decode(), "no file content (here /etc/passwd) in the reject report"
     by_id = {r["id"]: r for r in rejects}
     assert "img/nope.jpg" in by_id["bad-missing"]["detail"]
     assert "corrupt.jpg" in by_id["bad-second-image"]["detail"]
-    assert by_id["sample-19"]["index"] == 19 and "line 20" in by_id["sample-19"]["detail"]
+    assert by_id["bad-url"]["detail"].startswith("https://example.com/cat.jpg")
+    latin1 = by_id[RAW_IDS[1]]
+    assert latin1["index"] == latin1["record"] == int(RAW_IDS[1].split("-")[1])
+    assert f"line {latin1['index'] + 1}" in latin1["detail"]
 
 
 def _check_rows(rows: list[dict]) -> None:
@@ -92,7 +101,8 @@ def _check_rows(rows: list[dict]) -> None:
     assert stored.format == "PNG" and stored.mode == "RGB"
     assert (np.asarray(stored)[:, :10] == 255).all(), "transparent half composited on white"
     assert by_id["text-1"]["num_images"] == 0 and by_id["text-1"]["images"] == []
-    assert by_id["photo-single"]["source_index"] == 0
+    assert by_id["photo-single"]["source_index"] == 0 and by_id["photo-single"]["source_file"] == 0
+    assert sorted((r["shard"], r["shard_row"]) for r in rows) == sorted({(r["shard"], r["shard_row"]) for r in rows})
 
 
 def _read_shards(prefix: str, manifest: dict, storage) -> list[dict]:
@@ -118,10 +128,10 @@ def test_prepare_into_s3_and_rerun(ray_local, s3, s3_src):
     st.write_bytes(st.join(out, "manifest.json"), b"{}", s3.storage)
 
     manifest = prepare(s3_src, out, storage=s3.storage, rows_per_shard=3, shards_per_wave=2,
-                       progress=False, max_pixels=MAX_PIXELS)
-    _check_manifest(manifest, s3_src)
+                       progress=False, max_pixels=MAX_PIXELS, policy=POLICY)
+    _check_manifest(manifest, s3_src, EXPECTED_REJECTS)
     assert read_manifest(out, s3.storage) == manifest
-    _check_rejects(st.read_bytes(st.join(out, "rejects.jsonl"), s3.storage))
+    _check_rejects(st.read_bytes(st.join(out, "rejects.jsonl"), s3.storage), s3_src, EXPECTED_REJECTS)
     _check_rows(_read_shards(out, manifest, s3.storage))
     assert not st.exists(st.join(out, "shard-00099.parquet"), s3.storage)
 
@@ -134,7 +144,7 @@ def test_prepare_into_s3_and_rerun(ray_local, s3, s3_src):
 
     # Rerun into the same prefix: same shards, no duplicate rows.
     again = prepare(s3_src, out, storage=s3.storage, rows_per_shard=3, progress=False,
-                    max_pixels=MAX_PIXELS)
+                    max_pixels=MAX_PIXELS, policy=POLICY)
     assert again["shards"] == manifest["shards"], "deterministic shards (same bytes, sha256)"
     files = st.list_files(out, s3.storage)
     assert sorted(files) == sorted(
@@ -143,11 +153,12 @@ def test_prepare_into_s3_and_rerun(ray_local, s3, s3_src):
     assert ray_local.data.read_parquet(out, filesystem=fs).count() == len(GOOD_IDS)
 
 
+@pytest.mark.timeout(300)  # a FIFO among the images must not hang it
 def test_prepare_local(ray_local, local_src, tmp_path):
     out = str(tmp_path / "prepared")
-    manifest = prepare(local_src, out, rows_per_shard=3, progress=True, max_pixels=MAX_PIXELS)
-    _check_manifest(manifest, local_src)
-    _check_rejects(Path(out, "rejects.jsonl").read_bytes())
+    manifest = prepare(local_src, out, rows_per_shard=3, progress=True, max_pixels=MAX_PIXELS, policy=POLICY)
+    _check_manifest(manifest, local_src, LOCAL_EXPECTED_REJECTS)
+    _check_rejects(Path(out, "rejects.jsonl").read_bytes(), local_src, LOCAL_EXPECTED_REJECTS)
     _check_rows(_read_shards(out, manifest, None))
     # Nothing but the outputs: no temporary files left behind.
     assert sorted(os.listdir(out)) == sorted(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 import skimage.data as skimage_data  # a test dependency: a missing one must fail, not skip
 
 from omni_ray.data.errors import DataError  # noqa: E402
-from omni_ray.data.images import decode_image, decode_image_info, load_image  # noqa: E402
+from omni_ray.data.images import _with_timeout, decode_image, decode_image_info, load_image  # noqa: E402
 
 ASTRONAUT = skimage_data.astronaut()  # 512x512 RGB photograph
 CAMERA = skimage_data.camera()  # 512x512 grayscale photograph
@@ -181,8 +183,43 @@ def test_load_image_missing(tmp_path):
     with pytest.raises(DataError) as info:
         load_image(str(tmp_path / "nope.jpg"))
     assert info.value.reason == "missing_image"
-    with pytest.raises(DataError) as info:
-        load_image(str(tmp_path))
-    assert info.value.reason == "missing_image"
     (tmp_path / "a.jpg").write_bytes(RGB_JPEG)
     assert load_image(str(tmp_path / "a.jpg")) == RGB_JPEG
+
+
+@pytest.mark.timeout(30)
+def test_load_image_reads_only_regular_files_within_limits(tmp_path):
+    """Issue 11: each of these crashed or hung prepare, check and training."""
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)  # no writer: a plain open() blocks forever
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    (tmp_path / "big.jpg").write_bytes(RGB_JPEG)
+    cases = [
+        (str(fifo), {}, "not_a_regular_file", "a FIFO"),
+        ("/dev/zero", {}, "not_a_regular_file", "a character device"),
+        (str(tmp_path), {}, "not_a_regular_file", "a directory"),
+        (str(loop), {}, "bad_path", "symbolic links"),
+        (str(tmp_path / "a\x00.jpg"), {}, "bad_path", "null byte"),
+        ("/" + "a/" * 2100 + "x.jpg", {}, "bad_path", "too long"),
+        (str(tmp_path / "big.jpg"), {"max_bytes": 1000}, "image_too_large", "max_image_bytes=1000"),
+    ]
+    for ref, kwargs, reason, detail in cases:
+        with pytest.raises(DataError) as info:
+            load_image(ref, **kwargs)
+        assert (info.value.reason, detail.lower() in info.value.detail.lower()) == (reason, True), info.value
+
+
+def test_read_timeout_becomes_a_reason():
+    started = time.monotonic()
+    with pytest.raises(DataError) as info:
+        _with_timeout(lambda: time.sleep(30), 0.2, "slow.jpg")  # a read stuck on a hung mount
+    assert info.value.reason == "read_timeout" and "slow.jpg" in info.value.detail
+    assert time.monotonic() - started < 10
+
+
+def test_corrupt_image_report_holds_no_file_content():
+    secret = b"root:x:0:0:root:/root:/bin/bash\n"
+    with pytest.raises(DataError) as info:
+        decode_image(secret)
+    assert "root" not in str(info.value) and str(len(secret)) in info.value.detail
