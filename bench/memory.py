@@ -12,8 +12,9 @@ referenced; not process RSS). Estimated: ``estimate_memory`` from the config and
 only (its activation term is a forward+backward on fake tensors; gradients and AdamW state from
 the plan's counts). Both are the step's bytes above the weights, world size 1, fp32.
 
-Then the real MiniCPM-V 4.6 at full size (1.30B, random init from its config, bf16, vision
-frozen + LoRA r=64): one measured step, and the estimate for a 24 GiB GPU at its training shape.
+Then the real MiniCPM-V 4.6 at full size (1.30B, random init from its config; bf16 frozen base,
+vision and projector frozen, fp32 LoRA r=64 on the LLM): two measured steps, and the estimate
+for a 24 GiB GPU at its training shape (2048 tokens).
 
     python bench/memory.py [--seq 256] [--full-config PATH/config.json] [--skip-full]
 """
@@ -119,23 +120,27 @@ def full_size(config_path: str, seq: int) -> None:
     spec, lora = get_spec("minicpmv4_6"), LoraConfig(r=64, alpha=128, dropout=0.0)
     torch.manual_seed(0)
     model = build()
-    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, FreezeConfig(), lora, 1e-4)
+    # Vision and projector frozen, LoRA on the LLM: the adapters are the only trained tensors, and
+    # they are cast to fp32 below as the engines hold them (bf16 frozen base, fp32 adapters).
+    freeze = FreezeConfig(projector="frozen")
+    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, freeze, lora, 1e-4)
     total = sum(p.numel() for p in model.parameters())
     layout = Layout(compute_dtype=torch.bfloat16, frozen_dtype=torch.bfloat16)
     est = estimate_memory(build, lambda m: apply_plan(m, plan, lora), plan, layout, batch=1, seq_len=seq,
                           vocab=config["text_config"]["vocab_size"], compare_checkpointing=False)
     model = apply_plan(model, plan, lora)
-    # LoRA adapters and the full projector are created in bf16 here; the estimate counts their
-    # masters, gradients and AdamW state in fp32 as the engines hold them.
-    measured = measure(model, True, seq, steps=1)
-    print(f"MiniCPM-V 4.6 full size ({total / 1e9:.2f}B params, bf16, vision frozen + LoRA r=64, {seq} tokens): "
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    measured = measure(model, True, seq, steps=2)
+    print(f"MiniCPM-V 4.6 full size ({total / 1e9:.2f}B params, bf16 base, fp32 LoRA r=64, {seq} tokens): "
           f"trainable {plan.trainable_numel() / 1e6:.1f}M  estimate {est.step_bytes / MiB:.0f} MiB  "
           f"measured {measured / MiB:.0f} MiB  estimate/measured = {est.step_bytes / measured:.2f}", flush=True)
     del model
     gpu = estimate_memory(build, lambda m: apply_plan(m, plan, lora), plan, layout, batch=1, seq_len=2048,
                           vocab=config["text_config"]["vocab_size"], largest_layer=largest_layer_numel(plan, spec),
                           compare_checkpointing=False)
-    print(f"MiniCPM-V 4.6 on one GPU (bf16, 2048 tokens, vision frozen + LoRA r=64): estimate "
+    print(f"MiniCPM-V 4.6 on one GPU (bf16, 2048 tokens, vision + projector frozen, LoRA r=64): estimate "
           f"{gpu.total / GiB:.2f} GiB -> {'fits' if gpu.total <= 24 * GiB else 'does NOT fit'} in 24 GiB")
     print(gpu.format())
 

@@ -176,6 +176,14 @@ def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig
     return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
 
 
+def _actor_pool(bounds: int | tuple[int, int]):
+    import ray.data
+
+    low, high = (bounds, bounds) if isinstance(bounds, int) else bounds
+    # Start at the lower bound: every training worker has an actor feeding it from the first step.
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
+
+
 def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
                   *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
     """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
@@ -196,7 +204,7 @@ def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
                              data.max_image_bytes, data.read_timeout_s),
         batch_size=16,
-        concurrency=concurrency or preprocess_pool(data, num_workers),
+        compute=_actor_pool(concurrency or preprocess_pool(data, num_workers)),
         num_cpus=data.num_cpus_per_preprocess_task,
         runtime_env={"env_vars": storage.worker_env()} if storage else None,
     )
