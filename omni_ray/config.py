@@ -185,6 +185,12 @@ class DataConfig(Section):
     max_record_bytes: int = Field(
         16 << 20, ge=1024, description="Larger records (one JSON object) are rejected as record_too_large."
     )
+    video_fps: float = Field(
+        2.0, gt=0, description="Video frames sampled per second of video (decoded with PyAV before the processor)."
+    )
+    video_max_frames: int = Field(
+        16, ge=1, description="At most this many frames per video, spread evenly; their tokens count in model_max_length."
+    )
     shuffle: bool = True
     shuffle_buffer: int = Field(
         256, ge=1, description="Rows in each worker's shuffle buffer; the order is a function of train.seed and the epoch."

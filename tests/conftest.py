@@ -167,7 +167,7 @@ def ray_local():
     environ = _Environ({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     # 4 logical CPUs on a 2-core machine: two training workers (1 CPU each) plus Ray Data's
     # preprocessing actors must fit at once, or the pipeline waits forever for a free CPU.
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     try:
         yield ray
     finally:

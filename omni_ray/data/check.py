@@ -35,8 +35,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine.
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+    # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine. "local":
+    # a fresh Ray of our own, even when another one was started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
              runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
 
 

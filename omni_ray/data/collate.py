@@ -22,7 +22,7 @@ PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_t
 def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
             keep_alive: dict | None = None, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
     samples = list(samples)
-    needs_keep_alive = keep_alive is not None and not any(int(s.get("num_images", 0)) > 0 for s in samples)
+    needs_keep_alive = keep_alive is not None and not any(_has_vision(s) for s in samples)
     if needs_keep_alive:
         samples.append({**keep_alive, "labels": np.full_like(keep_alive["input_ids"], IGNORE_INDEX)})
     length = max(len(s["input_ids"]) for s in samples)
@@ -37,9 +37,14 @@ def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int
             out[i, : len(row)] = 1 if key == "attention_mask" else row
         batch[key] = torch.from_numpy(out)
     for key, dim in image_inputs.items():
-        parts = [s[key] for s in samples if key in s and int(s.get("num_images", 0)) > 0]
+        parts = [s[key] for s in samples if key in s and _has_vision(s)]
         if parts:
             batch[key] = torch.from_numpy(np.concatenate(parts, axis=dim))
     batch["num_label_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
     batch["keep_alive"] = torch.tensor(int(needs_keep_alive))
     return batch
+
+
+def _has_vision(sample: dict) -> bool:
+    """The sample runs the vision tower: it has an image or a video (each carries its own pixel arrays)."""
+    return int(sample.get("num_images", 0)) + int(sample.get("num_videos", 0)) > 0

@@ -1,12 +1,19 @@
-"""Turn one normalized sample into model inputs: chat template, image processing, labels.
+"""Turn one normalized sample into model inputs: chat template, image/video processing, labels.
 
-The model's own processor does the image work (slicing, resizing, placeholder expansion), so
-what the model sees here is what it sees at inference. On top of it:
+One rule for every architecture: our ``<image>``/``<video>`` placeholders become image/video content
+blocks (the OpenAI form ``processor.apply_chat_template`` takes), the model's own chat template renders
+them exactly as at inference (Qwen2-VL frames each image as ``<|vision_start|><|image_pad|><|vision_end|>``,
+LLaVA writes ``<image>\\n``, ...), and the model's own processor expands, frames and tokenises them.
+So the ids we train on equal ``processor.apply_chat_template(conversation, tokenize=True)``; tests check it
+per architecture. On top of that:
 
-* labels cover the assistant turns only (each answer and the end-of-turn token after it);
-* truncation is image-safe: a sample over ``model_max_length`` loses whole trailing rounds
-  (user + assistant), never part of an image's tokens; when even the first round does not fit
-  the sample is rejected with ``too_long`` instead of being cut or silently replaced.
+* labels cover the assistant turns (each answer and the end-of-turn token after it), except turns marked
+  ``"loss": false`` (ms-swift); any turn marked ``"loss": true`` is labelled;
+* ``tools`` go to the template (``apply_chat_template(tools=...)``); a template that ignores them rejects
+  the sample instead of dropping them;
+* truncation is image- and video-safe: a sample over ``model_max_length`` loses whole trailing rounds
+  (user + assistant), never part of an image's or a video's tokens; when even the first round does not
+  fit the sample is rejected with ``too_long`` instead of being cut or silently replaced.
 
 Processed samples travel through Ray Data as one binary column (``encode``/``decode``: numpy
 ``.npz`` without pickle), because image tensors differ in shape from sample to sample.
@@ -15,15 +22,17 @@ Processed samples travel through Ray Data as one binary column (``encode``/``dec
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from omni_ray.data.errors import DataError
-from omni_ray.data.formats import IMAGE_PLACEHOLDER
+from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 IGNORE_INDEX = -100
-TOKEN_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids")
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+_BLOCK_TYPE = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
@@ -37,16 +46,44 @@ def decode(blob: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def content_blocks(text: str) -> list[dict]:
+    """``"<image>\\nWhat is it?"`` -> ``[{"type": "image"}, {"type": "text", "text": "\\nWhat is it?"}]``."""
+    blocks = []
+    for part in _PLACEHOLDER.split(text):
+        if part in _BLOCK_TYPE:
+            blocks.append({"type": _BLOCK_TYPE[part]})
+        elif part:
+            blocks.append({"type": "text", "text": part})
+    return blocks
+
+
+def to_openai(messages: list[dict]) -> list[dict]:
+    """Our normalized messages as the content-block conversation a processor's chat template takes."""
+    return [{"role": m["role"], "content": content_blocks(m["content"])} for m in messages]
+
+
+def is_labelled(message: dict) -> bool:
+    """Assistant turns learn unless marked ``loss: false``; any turn marked ``loss: true`` learns."""
+    loss = message.get("loss")
+    return loss is True or (message["role"] == "assistant" and loss is not False)
+
+
 def _rounds(messages: list[dict]) -> list[int]:
     """Message counts at which a round (ending in an assistant turn) closes."""
     return [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
+def _count(messages: list[dict], placeholder: str) -> int:
+    return sum(m["content"].count(placeholder) for m in messages)
+
+
 @dataclass
 class SampleProcessor:
-    """Callable: (messages, images) -> dict of numpy arrays for one sample.
+    """Callable: (messages, images, videos, tools) -> dict of numpy arrays for one sample.
 
-    ``image_inputs`` are the processor outputs that carry pixels (from the model spec).
+    ``image_inputs`` are the processor outputs that carry pixels (from the model spec); video
+    outputs (``pixel_values_videos``, ...) are kept when the spec lists them there too. Videos are
+    arrays of frames already sampled (``omni_ray.data.video``), so the processor samples none.
     """
 
     processor: object
@@ -57,31 +94,68 @@ class SampleProcessor:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.image_token = getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        video_token = getattr(self.processor, "video_token", None)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         self._end_markers = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
 
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def template(self, conversation: list[dict], tools: list | None = None, generation: bool = False) -> str:
+        return self.processor.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation)
+
+    def render(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
         """Chat-template text and the character spans the loss is taken on."""
-        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        conversation = to_openai(messages)
+        text = self.template(conversation, tools)
+        if tools and text == self.template(conversation):
+            raise DataError("tools_unsupported", "this model's chat template does not render `tools`; remove "
+                            "`tools` from the sample or train a model whose template takes them")
         spans, pos = [], 0
-        for m in messages:
-            start = text.find(m["content"], pos)
-            if start < 0:  # a template that rewrites content (strips, escapes) cannot be labelled safely
-                raise DataError("malformed_conversation", "chat template does not reproduce a turn's text")
-            end = start + len(m["content"])
-            pos = end
-            if m["role"] == "assistant":
-                marker = next((t for t in self._end_markers if text.startswith(t, end)), "")
-                spans.append((start, end + len(marker)))
+        for i, (message, turn) in enumerate(zip(messages, conversation)):
+            start = pos
+            if is_labelled(message):
+                # The text the template renders before this turn, when it is a prefix of the whole, is
+                # where the turn's text starts; this keeps a short answer ("user") from matching a header.
+                before = self.template(conversation[:i], tools, generation=message["role"] == "assistant")
+                start = max(pos, len(before)) if text.startswith(before) else pos
+            found = self._find(text, turn["content"], start)
+            if found is None:
+                continue
+            pos = found[1]
+            if is_labelled(message):
+                marker = next((t for t in self._end_markers if text.startswith(t, pos)), "")
+                spans.append((found[0], pos + len(marker)))
         return text, spans
 
-    def _run(self, messages: list[dict], images: list) -> dict:
-        text, spans = self.render(messages)
+    @staticmethod
+    def _find(text: str, blocks: list[dict], pos: int) -> tuple[int, int] | None:
+        """Where a turn's text blocks appear, in order, from ``pos`` (None for a turn without text)."""
+        first, end = None, pos
+        for block in blocks:
+            if block["type"] != "text":
+                continue
+            start = text.find(block["text"], end)
+            if start < 0:  # a template that rewrites content (strips, escapes) cannot be labelled safely
+                raise DataError("malformed_conversation", "chat template does not reproduce a turn's text")
+            first = start if first is None else first
+            end = start + len(block["text"])
+        return None if first is None else (first, end)
+
+    def _processor_kwargs(self, text: str, images: list, videos: list) -> dict:
         kwargs = dict(text=[text], return_tensors="np", return_offsets_mapping=True,
                       return_text_replacement_offsets=True)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos):  # as processor.apply_chat_template: never a second BOS
+            kwargs["add_special_tokens"] = False
         if images:
             kwargs["images"] = [images]
-        out = self.processor(**kwargs)
+        if videos:
+            kwargs["videos"] = [videos]
+            kwargs["do_sample_frames"] = False
+        return kwargs
+
+    def _run(self, messages: list[dict], images: list, videos: list, tools: list | None) -> dict:
+        text, spans = self.render(messages, tools)
+        out = self.processor(**self._processor_kwargs(text, images, videos))
         # Shift assistant spans from the template text into the placeholder-expanded text.
         shifts = [(r["span"][1], (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
                   for r in (out.get("text_replacement_offsets") or [[]])[0]]
@@ -90,40 +164,66 @@ class SampleProcessor:
         offsets = np.asarray(out["offset_mapping"][0])
         in_answer = np.zeros(len(ids), dtype=bool)
         for s, t in expanded:
-            in_answer |= (offsets[:, 0] >= s) & (offsets[:, 1] <= t) & (offsets[:, 1] > offsets[:, 0])
-        labels = np.where(in_answer, ids, IGNORE_INDEX)
-        result = {"input_ids": ids, "labels": labels}
+            # Overlap, not containment: byte-level BPE glues the space before an answer's first word to it
+            # (" red"), and that token is the answer's to generate. Special tokens added by the tokenizer
+            # (BOS) have empty offsets and never overlap.
+            in_answer |= (offsets[:, 0] < t) & (offsets[:, 1] > s)
+        # An image inside a labelled turn is input, never something to predict.
+        in_answer &= ~np.isin(ids, [t for t in (self.image_token_id, self.video_token_id) if t is not None])
+        result = {"input_ids": ids, "labels": np.where(in_answer, ids, IGNORE_INDEX)}
         if "mm_token_type_ids" in out:
             result["mm_token_type_ids"] = np.asarray(out["mm_token_type_ids"][0], dtype=np.int64)
         for key in self.image_inputs:
-            if images and key in out:
+            if key in out and (images or videos):
                 result[key] = np.asarray(out[key])
         return result
 
-    def __call__(self, messages: list[dict], images: list) -> dict:
-        full = self._run(messages, images)
+    def __call__(self, messages: list[dict], images: list, videos: list | None = None,
+                 tools: list | None = None) -> dict:
+        videos = list(videos or [])
+        self._check_inputs(messages, images, videos)
+        full = self._run(messages, images, videos, tools)
         if len(full["input_ids"]) <= self.model_max_length:
-            return self._finish(full, len(images), dropped=0)
-        # Too long: keep the longest prefix of whole rounds that fits. The images of the rounds
-        # that remain are exactly the first k placeholders, so pixels and tokens stay matched.
+            return self._finish(full, len(images), len(videos), dropped=0)
+        # Too long: keep the longest prefix of whole rounds that fits. The images and videos of the
+        # rounds that remain are exactly the first k placeholders of each kind, so pixels and tokens
+        # stay matched and no image's or video's tokens are ever cut.
         rounds = _rounds(messages)
         for keep in range(len(rounds) - 1, 0, -1):
             kept = messages[: rounds[keep - 1]]
-            n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
-            part = self._run(kept, images[:n_images])
+            n_images, n_videos = _count(kept, IMAGE_PLACEHOLDER), _count(kept, VIDEO_PLACEHOLDER)
+            part = self._run(kept, images[:n_images], videos[:n_videos], tools)
             if len(part["input_ids"]) <= self.model_max_length:
-                return self._finish(part, n_images, dropped=len(rounds) - keep)
-        n_image_tokens = int((full["input_ids"] == self.image_token_id).sum())
+                return self._finish(part, n_images, n_videos, dropped=len(rounds) - keep)
         raise DataError(
             "too_long",
-            f"{len(full['input_ids'])} tokens ({n_image_tokens} of them image tokens) and the first round alone "
-            f"exceeds model_max_length={self.model_max_length}; raise data.model_max_length or lower "
-            "model.max_slice_nums",
+            f"{len(full['input_ids'])} tokens ({self.visual_tokens(full['input_ids'])} of them image/video "
+            f"tokens) and the first round alone exceeds model_max_length={self.model_max_length}; raise "
+            "data.model_max_length, or lower model.max_slice_nums / data.video_max_frames",
         )
 
-    def _finish(self, arrays: dict, n_images: int, dropped: int) -> dict:
+    def _check_inputs(self, messages: list[dict], images: list, videos: list) -> None:
+        for placeholder, items, kind in ((IMAGE_PLACEHOLDER, images, "image"), (VIDEO_PLACEHOLDER, videos, "video")):
+            if _count(messages, placeholder) != len(items):
+                raise DataError("placeholder_mismatch", f"text has {_count(messages, placeholder)} {placeholder} "
+                                f"placeholder(s) but the sample has {len(items)} {kind}(s)")
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise DataError("unsupported_modality", f"{type(self.processor).__name__} takes no video; drop the "
+                            "sample's videos or train a model with video input (Qwen2-VL, Qwen2.5-VL, MiniCPM-V 4.x)")
+        if any("<audio>" in m["content"] for m in messages):
+            raise DataError("unsupported_modality", "audio is not supported: no model family here takes audio input")
+
+    def visual_tokens(self, ids: np.ndarray) -> int:
+        """Tokens that stand for image or video content (the processor's expanded placeholders)."""
+        count = int((ids == self.image_token_id).sum())
+        if self.video_token_id is not None and self.video_token_id != self.image_token_id:
+            count += int((ids == self.video_token_id).sum())
+        return count
+
+    def _finish(self, arrays: dict, n_images: int, n_videos: int, dropped: int) -> dict:
         if not (arrays["labels"] != IGNORE_INDEX).any():
             raise DataError("malformed_conversation", "no assistant tokens to learn from")
         arrays["num_images"] = np.array(n_images)
+        arrays["num_videos"] = np.array(n_videos)
         arrays["dropped_rounds"] = np.array(dropped)
         return arrays

@@ -34,7 +34,6 @@ REASONS: tuple[str, ...] = (
     "missing_field",  # a required key (conversations/messages) is absent
     # tokenization (raised by omni_ray.data's tokenizer code)
     "too_long",  # the sample does not fit model_max_length even after safe truncation
-    "image_tokens_truncated",  # truncation would cut an image's placeholder tokens
     # input safety and formats (issues 10 and 11)
     "unsafe_path",  # absolute path, or `..` climbing out of the dataset root (data.image_root)
     "bad_path",  # NUL byte, over-long path or component, symlink loop
@@ -49,6 +48,10 @@ REASONS: tuple[str, ...] = (
     "unsupported_field",  # a known field we cannot honour (grounding objects, preference data)
     "media_in_assistant_turn",  # <image>/<video> in an answer would turn pixels into labels
     "processing_error",  # an unexpected exception while processing this one sample
+    # chat templates and video (omni_ray.data.conversation, omni_ray.data.video)
+    "tools_unsupported",  # the sample has tools but the model's chat template does not render them
+    "missing_video",  # the file or object a video reference names does not exist
+    "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
 )
 
 

@@ -493,6 +493,9 @@ def resolve_ref(ref: str, base_uri: str, *, root: Optional[str] = None, allow_ab
             f"{ref}: omni_ray does not download images from the web; download them and reference the "
             "local path or s3:// URI",
         )
+    if ref[:5].lower() == "data:":
+        raise DataError("bad_path", "inline data: URI images are not supported; write the image to a file "
+                        "and reference its path")
     if "://" in ref and not ref.startswith(("s3://", "file://")):
         raise DataError("bad_path", f"{ref}: unsupported URI scheme; use a path or s3://BUCKET/KEY")
     base_dir = root if root is not None else _parent(base_uri)

@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "check_confined",
+    "probe_file",
     "DecodedImage",
     "decode_image",
     "decode_image_info",
@@ -256,7 +257,32 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def probe_file(ref: str, storage: Optional[StorageConfig] = None, *,
+               timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:
+    """The size of the regular file or object at ``ref``, with :func:`load_image`'s reasons but
+    without reading it (videos are often far larger than any image cap; their decoder reads them)."""
+    if _storage.is_remote(ref):
+        def stat_object() -> int:
+            fs, path = _storage.resolve(ref, storage)
+            try:
+                info = fs.get_file_info(path)
+            except OSError as err:
+                raise DataError("unreadable_file", f"{ref}: {str(err)[:300]}") from None
+            if info.type.name != "File":
+                raise DataError("missing_image", f"no file at {ref}")
+            return int(info.size)
+
+        return _with_timeout(stat_object, timeout_s, ref)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    return _with_timeout(lambda: _open_regular(path, lambda fd, f: os.fstat(fd).st_size), timeout_s, ref)
+
+
 def _read_local(path: str, max_bytes: int) -> bytes:
+    return _open_regular(path, lambda fd, f: _read_capped(f, path, max_bytes))
+
+
+def _open_regular(path: str, use):
+    """Open ``path`` only if it is a regular file and call ``use(fd, file)``; reasons otherwise."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat below refuses it anyway.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -277,7 +303,7 @@ def _read_local(path: str, max_bytes: int) -> bytes:
         raise
     with f:
         try:
-            return _read_capped(f, path, max_bytes)
+            return use(fd, f)
         except OSError as err:
             raise _os_error(path, err) from None
 

@@ -24,6 +24,7 @@ from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
 from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_sources
+from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
 OUTPUT_COLUMNS = ("row", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
@@ -34,7 +35,7 @@ class Preprocess:
 
     def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 read_timeout_s: float = 60.0):
+                 read_timeout_s: float = 60.0, video_fps: float = 2.0, video_max_frames: int = 16):
         from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
 
         spec = resolve_spec(model, read_hf_config(model, storage))
@@ -43,6 +44,24 @@ class Preprocess:
         self.storage = storage
         self.max_image_pixels = max_image_pixels
         self.read_limits = {"max_bytes": max_image_bytes, "timeout_s": read_timeout_s}
+        self.video_fps, self.video_max_frames = video_fps, video_max_frames
+
+    def _inputs(self, row: dict) -> tuple[list, list, list | None]:
+        """Images, videos (sampled frames) and tools of a row: bytes from the shard, else read from their refs."""
+        if row.get("audio_refs"):
+            raise DataError("unsupported_modality", "audio is not supported: no model family here takes audio input")
+        blobs = row.get("images")
+        if blobs is None:
+            blobs = [load_image(ref, self.storage, **self.read_limits) for ref in row.get("image_refs") or []]
+        images = [decode_image(bytes(b), max_pixels=self.max_image_pixels) for b in blobs]
+        clips = row.get("videos")
+        if clips is None:
+            clips = [load_video(ref, self.storage, **self.read_limits) for ref in row.get("video_refs") or []]
+        videos = [decode_video(bytes(c), fps=self.video_fps, max_frames=self.video_max_frames) for c in clips]
+        tools = row.get("tools")  # a JSON list, "" when the sample has none (reader.ROW_COLUMNS)
+        if isinstance(tools, str):
+            tools = json.loads(tools) if tools else None
+        return images, videos, tools or None
 
     def process_row(self, row: dict) -> dict:
         out = {"row": int(row.get("row", -1)), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
@@ -50,19 +69,16 @@ class Preprocess:
         if row.get("reason"):
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}
         try:
-            messages = json.loads(row["messages"])
-            blobs = row.get("images")
-            if blobs is None:
-                blobs = [load_image(ref, self.storage, **self.read_limits) for ref in row.get("image_refs") or []]
-            images = [decode_image(bytes(b), max_pixels=self.max_image_pixels) for b in blobs]
-            arrays = self.sample_processor(messages, images)
+            images, videos, tools = self._inputs(row)
+            arrays = self.sample_processor(json.loads(row["messages"]), images, videos, tools)
         except DataError as err:
             return {**out, "reason": err.reason, "detail": err.detail}
         except Exception as err:  # noqa: BLE001 - one sample must never kill the run; it is counted
             return {**out, "reason": "processing_error", "detail": f"{type(err).__name__}: {err}"[:500]}
         ids = arrays["input_ids"]
+        # num_image_tokens counts video tokens too: both are what the vision tower feeds the LLM.
         return {**out, "sample": encode(arrays), "num_tokens": len(ids), "num_images": int(arrays["num_images"]),
-                "num_image_tokens": int((ids == self.sample_processor.image_token_id).sum()),
+                "num_image_tokens": self.sample_processor.visual_tokens(ids),
                 "dropped_rounds": int(arrays["dropped_rounds"])}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -202,7 +218,7 @@ def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig,
     return ds.map_batches(
         Preprocess,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
-                             data.max_image_bytes, data.read_timeout_s),
+                             data.max_image_bytes, data.read_timeout_s, data.video_fps, data.video_max_frames),
         batch_size=16,
         compute=_actor_pool(concurrency or preprocess_pool(data, num_workers)),
         num_cpus=data.num_cpus_per_preprocess_task,

@@ -21,7 +21,7 @@ Parquet row schema (:data:`ROW_SCHEMA`)::
     images: list<binary>  encoded image bytes, in placeholder order (original bytes, or
                           PNG when decoding needed conversion, see images.DecodedImage)
     num_images: int32     len(images); 0 for text-only samples
-    video_refs: list<string>  resolved video URIs (checked readable; decoded at training)
+    video_refs: list<string>  resolved video URIs (checked to be regular files; decoded at training)
     tools: string         JSON list of tools, "" when none
     source_file: int32    index into the manifest's "sources"
     source_index: int64   the record's position in its file
@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 from omni_ray import storage as _storage
 from omni_ray.data.errors import DataError, DataSourceError
 from omni_ray.data.identity import DuplicateIds
-from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image_info, encode_png, load_image
+from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image_info, encode_png, load_image, probe_file
 from omni_ray.data.reader import InputPolicy, iter_rows, resolve_sources
 from omni_ray.storage import StorageConfig
 
@@ -351,8 +351,8 @@ def _process_group(
     for sample in samples:
         try:
             images = [_validated_image(ref, storage, max_pixels, policy) for ref in sample["image_refs"]]
-            for ref in sample["video_refs"]:  # decoded at training; here only checked readable and in limits
-                _read(ref, storage, policy)
+            for ref in sample["video_refs"]:  # decoded at training; here only checked to be a regular file
+                probe_file(ref, storage, timeout_s=policy.read_timeout_s)
         except DataError as err:
             rejects.append(_reject(sample, None, err))
             continue

@@ -64,8 +64,9 @@ def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig)
         return
     check_local_gpus(scaling)
     env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **storage.worker_env()}
-    ray.init(num_cpus=local_cpus(scaling, data, os.cpu_count() or 1), runtime_env={"env_vars": env},
-             include_dashboard=False)
+    # address="local": a new Ray of this run's size, never a stray `ray start` found on this machine.
+    ray.init(address="local", num_cpus=local_cpus(scaling, data, os.cpu_count() or 1),
+             runtime_env={"env_vars": env}, include_dashboard=False)
 
 
 def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:

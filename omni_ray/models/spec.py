@@ -27,7 +27,7 @@ class ModelSpec:
     lora_targets: dict[str, tuple[str, ...]]
     """group -> Linear module name suffixes LoRA adapts by default."""
     image_inputs: dict[str, int] = field(default_factory=lambda: {"pixel_values": 0})
-    """Processor outputs that carry image data -> the dim along which a batch concatenates them."""
+    """Processor outputs that carry image (or video) data -> the dim along which a batch concatenates them."""
     remote_code: bool = False
     """Loaded through the checkpoint's own code (requires model.trust_remote_code)."""
     notes: str = ""
@@ -98,8 +98,8 @@ def _native_minicpmv(name: str, version: str) -> ModelSpec:
             "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
             "projector": ("linear_1", "linear_2"),
         },
-        # NaViT packing: every slice of every image in a batch is one long row of patches.
-        image_inputs={"pixel_values": -1, "target_sizes": 0},
+        # NaViT packing: every slice of every image (and video frame) in a batch is one long row of patches.
+        image_inputs={"pixel_values": -1, "target_sizes": 0, "pixel_values_videos": -1, "target_sizes_videos": 0},
         notes="SigLIP-style ViT with a window-attention merger, MLP merger, Qwen3.5 text model",
     )
 
@@ -150,7 +150,7 @@ def _qwen_vl(name: str, model_type: str, block: str, layer: str) -> ModelSpec:
             "vision": ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj"),
             "projector": ("mlp.0", "mlp.2"),
         },
-        image_inputs={"pixel_values": 0, "image_grid_thw": 0},
+        image_inputs={"pixel_values": 0, "image_grid_thw": 0, "pixel_values_videos": 0, "video_grid_thw": 0},
     )
 
 

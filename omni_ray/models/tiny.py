@@ -10,14 +10,40 @@ checkpoint takes (``omni_ray.models.loading``).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-# Special tokens shared by the tiny MiniCPM-V and Qwen-VL tokenizers (chat markers + image markers).
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+# A generic ChatML template for tiny models of families without a published template on file.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Written here, NOT published: no byte-exact copy of MiniCPM-V 4.6/4.7's own template could be found
+# (see templates/PROVENANCE.json). It renders content blocks the way the processor expects (one
+# image/video token per item, which the processor expands and frames), so the pipeline can run.
+MINICPMV_STANDIN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image_pad|>"
+    "{% elif c['type'] == 'video' %}<|video_pad|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def published_chat_template(family: str) -> str:
+    """The family's published chat template, as stored byte for byte under ``templates/<family>/``."""
+    path = TEMPLATES_DIR / family / "chat_template.jinja"
+    if not path.is_file():
+        raise KeyError(f"no published chat template on file for {family!r} (see {TEMPLATES_DIR / 'PROVENANCE.json'})")
+    return path.read_bytes().decode("utf-8")
+
+
+def published_special_tokens(family: str) -> dict:
+    """The special tokens recorded beside the family's published template."""
+    return json.loads((TEMPLATES_DIR / "PROVENANCE.json").read_text())[family]["special_tokens"]
+
 _MINICPMV_TOKENS = {
     "image_token": "<|image_pad|>",
     "video_token": "<|video_pad|>",
@@ -36,11 +62,19 @@ _CORPUS = (
 )
 
 
-def train_tokenizer(extra_special: list[str], named_special: dict[str, str], vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(extra_special: list[str], named_special: dict[str, str], vocab_size: int = 512, *,
+                    eos_token: str = "<|im_end|>", pad_token: str = "<pad>", bos_token: str | None = None,
+                    unk_token: str | None = None, add_bos: bool = False, chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on a tiny corpus, with the given special tokens.
+
+    ``add_bos`` makes encoding prepend ``bos_token`` as Llama-style tokenizers (LLaVA-1.5) do, so the
+    processor path (which relies on the tokenizer for BOS) behaves as with the real checkpoint.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", *extra_special]
+    named = [t for t in (bos_token, eos_token, pad_token, unk_token) if t]
+    specials = list(dict.fromkeys(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", *named, *extra_special]))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,10 +82,15 @@ def train_tokenizer(extra_special: list[str], named_special: dict[str, str], voc
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([_CORPUS] * 20, trainer)
+    if add_bos:
+        bos = (bos_token, tok.token_to_id(bos_token))
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+                                                           special_tokens=[bos])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", extra_special_tokens=named_special
+        tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token, unk_token=unk_token,
+        extra_special_tokens=named_special,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -69,6 +108,69 @@ def _text_config(model_type: str, vocab: int, layers: int) -> dict:
     return cfg
 
 
+def tiny_minicpmv_processor(version: str = "4_6", scale_resolution: int = 112):
+    """The stock MiniCPM-V 4.x processor around a tiny tokenizer; images and frames cost 4 tokens each."""
+    import importlib
+
+    # MiniCPM-V 4.7 reuses the 4.6 image and video processors.
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+    if version == "4_6":  # the published template and special tokens (templates/PROVENANCE.json)
+        special = published_special_tokens("minicpmv4_6")
+        template = published_chat_template("minicpmv4_6")
+        # Qwen3.5's tokenizer holds <think> and </think> as single added tokens.
+        extra = [*special["additional_special_tokens"], *special["extra_special_tokens"].values(), "<think>", "</think>"]
+        tokenizer = train_tokenizer(extra, special["extra_special_tokens"], eos_token=special["eos_token"],
+                                    pad_token=special["pad_token"], bos_token=special["bos_token"],
+                                    unk_token=special["unk_token"], chat_template=template)
+    else:  # MiniCPM-V 4.7: no published copy found yet
+        template = MINICPMV_STANDIN_TEMPLATE
+        tokenizer = train_tokenizer(list(_MINICPMV_TOKENS.values()), _MINICPMV_TOKENS,
+                                    pad_token="<|endoftext|>", chat_template=template)
+    # Small images keep the tiny model fast: 112 px / 14 px patches = 8x8 patches -> 4 image tokens.
+    small = dict(scale_resolution=scale_resolution, max_slice_nums=1, slice_mode=False, patch_size=14)
+    processor_cls = getattr(importlib.import_module(f"transformers.models.minicpmv{version}"),
+                            f"MiniCPMV{version.upper()}Processor")
+    return processor_cls(image_processor=MiniCPMV4_6ImageProcessorPil(**small),
+                         video_processor=MiniCPMV4_6VideoProcessor(**small), tokenizer=tokenizer,
+                         chat_template=template)
+
+
+def tiny_qwen_vl_processor(model_type: str = "qwen2_5_vl"):
+    """Qwen2(.5)-VL's stock processor, the published chat template and special tokens, small images/frames."""
+    import transformers
+
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    special = published_special_tokens(model_type)
+    template = published_chat_template(model_type)
+    tokenizer = train_tokenizer(special["additional_special_tokens"], named, eos_token=special["eos_token"],
+                                pad_token=special["pad_token"], chat_template=template)
+    processor_cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
+    pixels = dict(min_pixels=28 * 28 * 4, max_pixels=56 * 56 * 4)
+    return getattr(transformers, processor_cls)(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+        video_processor=transformers.Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer, chat_template=template,
+    )
+
+
+def tiny_llava_processor():
+    """LLaVA-1.5's stock processor, llava-hf's published chat template, a BOS-adding tokenizer, 28 px images."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    special = published_special_tokens("llava")
+    template = published_chat_template("llava")
+    tokenizer = train_tokenizer(["<image>"], {"image_token": "<image>"}, bos_token=special["bos_token"],
+                                eos_token=special["eos_token"], pad_token=special["pad_token"],
+                                unk_token=special["unk_token"], add_bos=special["add_bos_token"], chat_template=template)
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=template,
+    )
+
+
 def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: int = 4, vision_layers: int = 2,
                         scale_resolution: int = 112, seed: int = 0) -> Path:
     import importlib
@@ -77,20 +179,8 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
 
     mod = importlib.import_module(f"transformers.models.minicpmv{version}")
     ver = version.upper()
-    tokenizer = train_tokenizer(list(_MINICPMV_TOKENS.values()), _MINICPMV_TOKENS)
-    # MiniCPM-V 4.7 reuses the 4.6 image and video processors.
-    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
-
-    image_processor = MiniCPMV4_6ImageProcessorPil(
-        # Small images keep the tiny model fast: 112 px / 14 px patches = 8x8 patches -> 4 image tokens.
-        scale_resolution=scale_resolution, max_slice_nums=1, slice_mode=False, patch_size=14,
-    )
-    video_processor = MiniCPMV4_6VideoProcessor()
-    processor = getattr(mod, f"MiniCPMV{ver}Processor")(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = tiny_minicpmv_processor(version, scale_resolution)
+    tokenizer = processor.tokenizer
     config = getattr(mod, f"MiniCPMV{ver}Config")(
         text_config=_text_config("qwen3_5_text", len(tokenizer), text_layers),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
@@ -107,20 +197,10 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
 
 def build_tiny_qwen_vl(out: str | Path, model_type: str = "qwen2_5_vl", *, seed: int = 0) -> Path:
     import torch
-    from transformers import AutoModelForImageTextToText
-    from transformers import CONFIG_MAPPING, Qwen2VLImageProcessor
+    from transformers import CONFIG_MAPPING, AutoModelForImageTextToText
 
-    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    tokenizer = train_tokenizer(list(named.values()), named)
-    processor_cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
-    import transformers
-
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=56 * 56 * 4)
-    video_processor = transformers.Qwen2VLVideoProcessor()
-    processor = getattr(transformers, processor_cls)(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
+    processor = tiny_qwen_vl_processor(model_type)
+    tokenizer = processor.tokenizer
     text = _text_config(model_type + "_text", len(tokenizer), 2)
     text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     vision = dict(depth=2, hidden_size=64, embed_dim=64, out_hidden_size=64, intermediate_size=128, num_heads=4,
@@ -138,15 +218,10 @@ def build_tiny_qwen_vl(out: str | Path, model_type: str = "qwen2_5_vl", *, seed:
 
 def build_tiny_llava(out: str | Path, *, seed: int = 0) -> Path:
     import torch
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    named = {"image_token": "<image>"}
-    tokenizer = train_tokenizer(["<image>"], named)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = tiny_llava_processor()
+    tokenizer = processor.tokenizer
     config = LlavaConfig(
         text_config=_text_config("llama", len(tokenizer), 2),
         vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -174,6 +249,22 @@ BUILDERS = {
     "qwen2_5_vl": lambda out, **kw: build_tiny_qwen_vl(out, "qwen2_5_vl", **kw),
     "llava": build_tiny_llava,
 }
+
+
+PROCESSORS = {
+    "minicpmv4_6": lambda: tiny_minicpmv_processor("4_6"),
+    "minicpmv4_7": lambda: tiny_minicpmv_processor("4_7"),
+    "qwen2_vl": lambda: tiny_qwen_vl_processor("qwen2_vl"),
+    "qwen2_5_vl": lambda: tiny_qwen_vl_processor("qwen2_5_vl"),
+    "llava": tiny_llava_processor,
+}
+
+
+def build_tiny_processor(arch: str):
+    """The tiny model's processor alone (no weights): for tokenisation tests."""
+    if arch not in PROCESSORS:
+        raise KeyError(f"no tiny processor for {arch!r}; available: {sorted(PROCESSORS)}")
+    return PROCESSORS[arch]()
 
 
 def build_tiny(arch: str, out: str | Path, **kwargs) -> Path:

@@ -53,6 +53,8 @@ class TrainState:
     consumed: PositionSet = field(default_factory=PositionSet)
     resumed_from: int | None = None
     saved_at: int = -1
+    under_notice: bool = False
+    """A preemption notice was seen at the last report (its checkpoint is taken once)."""
 
 
 class EpochBatches:

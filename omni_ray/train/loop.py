@@ -79,9 +79,11 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             stop = bad_data_error(last["rejected"], last["samples_seen"], cfg.data.max_bad_fraction)
             if stop:
                 raise RuntimeError(stop)
-            # A spot node about to go: checkpoint now, so at most the steps since the last report
-            # are lost (every rank asks equally often: it is a barrier).
-            if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, session.preemption_notice()):
+            # A spot node about to go: checkpoint once per notice, so at most the steps since the
+            # last report are lost (every rank asks equally often: it is a barrier).
+            notice = session.preemption_notice()
+            new_notice, state.under_notice = notice and not state.under_notice, notice
+            if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, new_notice):
                 save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, total_steps)
             else:
                 session.report(last)

@@ -15,7 +15,7 @@ from PIL import Image
 import skimage.data as skimage_data  # a test dependency: a missing one must fail, not skip
 
 from omni_ray.data.errors import DataError  # noqa: E402
-from omni_ray.data.images import _with_timeout, decode_image, decode_image_info, load_image  # noqa: E402
+from omni_ray.data.images import _with_timeout, decode_image, decode_image_info, load_image, probe_file  # noqa: E402
 
 ASTRONAUT = skimage_data.astronaut()  # 512x512 RGB photograph
 CAMERA = skimage_data.camera()  # 512x512 grayscale photograph
@@ -208,6 +208,19 @@ def test_load_image_reads_only_regular_files_within_limits(tmp_path):
         with pytest.raises(DataError) as info:
             load_image(ref, **kwargs)
         assert (info.value.reason, detail.lower() in info.value.detail.lower()) == (reason, True), info.value
+
+
+def test_probe_file_checks_without_reading(tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 5000)
+    assert probe_file(str(video)) == 5000
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    for ref, reason in [(str(fifo), "not_a_regular_file"), ("/dev/zero", "not_a_regular_file"),
+                        (str(tmp_path / "nope.mp4"), "missing_image"), (str(tmp_path), "not_a_regular_file")]:
+        with pytest.raises(DataError) as info:
+            probe_file(ref)
+        assert info.value.reason == reason
 
 
 def test_read_timeout_becomes_a_reason():

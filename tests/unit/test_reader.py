@@ -136,3 +136,54 @@ def test_unsafe_images_are_rejected_when_rows_are_made(tmp_path):
     assert [r["reason"] for r in allowed] == ["", "", "", "", "remote_url"]
     elsewhere = list(iter_rows([str(root / "d.json")], policy=InputPolicy(image_root=str(tmp_path / "other"))))
     assert elsewhere[0]["image_refs"] == [str(tmp_path / "other" / "img" / "ok.jpg")]
+
+
+def test_cli_prepare_missing_source_exits_2_with_one_line(tmp_path, capsys):
+    from omni_ray.launch.cli import main
+
+    missing = tmp_path / "missing.json"
+    assert main(["data", "prepare", str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: data prepare SRC: {missing}: does not exist; check the path (relative paths are " \
+                  "relative to the current directory)\n"
+    assert not (tmp_path / "out").exists(), "nothing written for a source that cannot be read"
+
+
+def test_training_reader_streams_bounded_blocks(tmp_path):
+    """The JSON training path reads in a Ray task, one block of rows at a time, never the whole file."""
+    from omni_ray.data.pipeline import JsonRowsDatasource
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    a.write_text("\n".join(json.dumps({**GOOD, "id": str(i)}) for i in range(25)))
+    b.write_text(json.dumps([{**GOOD, "id": str(i)} for i in range(10)]))
+    source = JsonRowsDatasource([str(a), str(b)], None, InputPolicy(), rows_per_block=8)
+    (task,) = source.get_read_tasks(parallelism=4)
+    blocks = list(task())
+    assert [t.num_rows for t in blocks] == [8, 8, 8, 8, 3]
+    rows = [r for t in blocks for r in t.to_pylist()]
+    assert [r["row"] for r in rows] == list(range(35))
+    assert [r["id"] for r in rows] == [str(i) for i in range(25)] + [str(i) for i in range(10)]
+
+
+def test_data_package_never_imports_the_launcher():
+    """``data check`` takes config sections and a running (or its own) Ray, not omni_ray.launch."""
+    import ast
+    from pathlib import Path
+
+    import omni_ray.data
+
+    for path in Path(omni_ray.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("omni_ray.launch") for n in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_jsonl_lines_across_read_chunks(tmp_path, chunk):
+    from omni_ray.data.reader import _iter_lines
+
+    lines = [b"a" * 10, b"", b"b" * 30, b"c" * 5, b"d" * 31, b"e"]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines))
+    got = list(_iter_lines(str(tmp_path / "d.jsonl"), None, max_bytes=30, chunk=chunk))
+    assert got == [(1, lines[0]), (2, b""), (3, lines[2]), (4, lines[3]), (5, None), (6, b"e")]

@@ -1,0 +1,85 @@
+"""Seeded chaos: three worker kills at random steps and one S3 outage during an upload.
+
+The run must finish by itself (Ray Train replaces the workers, the loop resumes from the newest
+whole checkpoint) and land on the same trainable tensors as an uninterrupted run. The seed is
+printed (and taken from OMNI_RAY_CHAOS_SEED when set), so a failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from omni_ray import storage as st
+from omni_ray.launch.driver import train
+from test_fault_tolerance import make_config, proxy, run_in_thread, trained_tensors  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.dist
+
+
+def latest_step(cfg) -> tuple[int, bool]:
+    """(newest checkpoint step with a manifest, whether some checkpoint directory lacks one: an upload)."""
+    prefix = f"{cfg.run.storage_path}/{cfg.run.name}"
+    try:
+        files = st.list_files(prefix, cfg.storage)
+    except (FileNotFoundError, OSError):
+        return -1, False
+    dirs = {f.split("/")[0] for f in files if f.startswith("checkpoint_")}
+    whole = {f.split("/")[0] for f in files if f.endswith("/manifest.json")}
+    steps = [json.loads(st.read_bytes(f"{prefix}/{d}/manifest.json", cfg.storage))["step"] for d in whole]
+    return max(steps, default=-1), bool(dirs - whole)
+
+
+def kill_a_worker(rng: random.Random) -> None:
+    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    if workers:
+        rng.choice(workers).send_signal(signal.SIGKILL)
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_three_kills_and_an_s3_outage_end_on_the_uninterrupted_weights(
+        ray_local, s3, proxy, tiny_minicpmv, color_data):
+    seed = int(os.environ.get("OMNI_RAY_CHAOS_SEED", time.time_ns() % 100_000))
+    print(f"chaos seed {seed} (replay with OMNI_RAY_CHAOS_SEED={seed})")
+    rng = random.Random(seed)
+    reference = train(make_config(s3, proxy, tiny_minicpmv, color_data, "chaos-reference"))
+    assert reference.error is None
+    total = reference.metrics["step"]
+
+    cfg = make_config(s3, proxy, tiny_minicpmv, color_data, f"chaos-{seed}")
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_failures": 6})})
+    # Checkpoints come every 2 steps: kill after three random ones, cut S3 during another's upload.
+    events = sorted(rng.sample(range(2, total - 1, 2), 4))
+    outage_at = rng.choice(events)
+    thread, box = run_in_thread(cfg)
+    for step in events:
+        if step == outage_at:
+            wait_for(lambda: latest_step(cfg)[0] >= step - 2 and latest_step(cfg)[1], f"an upload after step {step}")
+            proxy.down()
+            time.sleep(1.5)
+            proxy.up()
+        else:
+            wait_for(lambda: latest_step(cfg)[0] >= step, f"the checkpoint at step {step}")
+            kill_a_worker(rng)
+    thread.join(timeout=900)
+    assert "error" not in box, f"seed {seed}: {box.get('error')}"
+    result = box["result"]
+    assert result.metrics["step"] == total and result.metrics["resumed_from_step"] is not None
+    ref, got = trained_tensors(reference), trained_tensors(result)
+    assert ref.keys() == got.keys()
+    worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    assert worst <= 1e-5, f"seed {seed}: max |diff| {worst}"
