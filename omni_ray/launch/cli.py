@@ -117,7 +117,8 @@ def cmd_export(args) -> int:
     from omni_ray.storage import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage))
+    print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage,
+                 trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
     exp.add_argument("--adapter", action="store_true", help="write a PEFT adapter instead of a merged model")
     exp.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
+    exp.add_argument("--trust-remote-code", action="store_true",
+                     help="allow the base model's own Python code (MiniCPM-V 2.x); never taken from the checkpoint")
     exp.set_defaults(fn=cmd_export)
 
     data = _Subparsers(sub.add_parser("data", help="prepare and check datasets").add_subparsers(
