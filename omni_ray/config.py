@@ -222,7 +222,16 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(
         256, ge=1, description="Rows in each worker's shuffle buffer; the order is a function of train.seed and the epoch."
     )
-    num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
+    num_cpus_per_preprocess_task: float = Field(
+        0.5, gt=0, description="Logical CPUs each preprocessing actor reserves; fractional so a small machine "
+        "fits its training workers and several actors."
+    )
+    preprocess_actors_per_worker: float = Field(
+        1.0, gt=0, description="Preprocessing actors kept per training worker: the pool's lower bound."
+    )
+    preprocess_max_actors_per_worker: float = Field(
+        2.0, gt=0, description="The pool grows under load (Ray Data autoscaling) up to this many per training worker."
+    )
 
     @field_validator("train")
     @classmethod
@@ -318,6 +327,10 @@ class ScalingConfig(Section):
     )
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one worker's GPU; `omni-ray validate` warns when its estimate is above "
+        "it. Default: the GPU detected on the machine that runs validate."
     )
     gpu_wait_timeout_s: float = Field(
         900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
