@@ -3,6 +3,11 @@
 # (cluster/kuberay/*.yaml):
 #
 #   docker build -t ghcr.io/omni-ray/omni-ray:0.1.0 .
+#   docker push ghcr.io/omni-ray/omni-ray:0.1.0   # prints the digest: sha256:...
+#
+# Deploy by digest where you can: `image: ghcr.io/omni-ray/omni-ray:0.1.0@sha256:<digest>`
+# in cluster/ (the tag stays for readers; the digest decides what runs). For the base
+# image likewise: --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-cu128@sha256:<digest>.
 #
 # Base: the official Ray image of the Ray version pinned in pyproject.toml
 # (ray==2.60.0), Python 3.11, CUDA 12.8; Ray tags images {ray}-py{XY}-cu{XY}.
@@ -31,12 +36,15 @@ USER 1000:100
 WORKDIR /app
 
 # Dependencies first, in their own layer: torch, transformers, deepspeed, ... are
-# reinstalled only when pyproject.toml changes, not on every code change. The
-# versions are pyproject.toml's pins. README* is a glob so COPY cannot fail on it.
+# reinstalled only when the lock file changes, not on every code change.
+# requirements.lock pins every package, transitive ones included, to one version
+# and its sha256 hashes (generated from pyproject.toml, see its header), so two
+# builds install the same bytes and a tampered or substituted wheel fails the build.
+COPY --chown=1000:100 requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+
+# README* is a glob so COPY cannot fail on it.
 COPY --chown=1000:100 pyproject.toml README* ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
 
 COPY --chown=1000:100 omni_ray/ ./omni_ray/
 RUN pip install --no-cache-dir --no-deps . \

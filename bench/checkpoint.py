@@ -58,13 +58,16 @@ def main() -> None:
         p.grad = torch.ones_like(p)
     strategy.step()
 
+    identity = ckpt.run_identity(model_dir, spec.name, plan, cfg.lora)  # once per run, as in training
     rows = {}
     for trainable_only in (True, False):
         c = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"trainable_only": trainable_only})})
         times, size = [], 0
         for _ in range(args.repeats):
+            record = ckpt.run_record(c.run, c.model, "", identity)
             start = time.perf_counter()
-            path = ckpt.save(strategy, plan, c, 1, 0, {"epoch": 0, "consumed": PositionSet().to_json(), "rng": {}}, model_dir)
+            path = ckpt.save(strategy, plan, record, c.checkpoint, 1, 0,
+                             {"epoch": 0, "consumed": PositionSet().to_json(), "rng": {}})
             times.append(time.perf_counter() - start)
             size = dir_bytes(path)
         rows["trainable-only" if trainable_only else "full"] = (size, statistics.median(times))

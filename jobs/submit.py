@@ -16,10 +16,13 @@ What it does, in order:
    job resumes from the run's latest checkpoint. If one of them is still PENDING or RUNNING,
    it says so and exits 1: two drivers must not train into the same run directory.
 3. Builds the runtime env: ``working_dir`` is the repository root (configs are addressed
-   relative to it; ``.venv``, ``.git``, wheels, ``tests`` and ``bench`` are excluded), and
-   ``env_vars`` is ``StorageConfig.worker_env()``: the S3 credentials of *this* shell plus
-   ``AWS_ENDPOINT_URL`` for a custom endpoint. On clusters with instance roles / IRSA leave the
-   credentials unset here and nothing secret is sent (Ray shows env_vars in its dashboard).
+   relative to it; ``.venv``, ``.git``, wheels, ``tests``, ``bench`` and files that hold
+   secrets, ``*.env`` such as ``s3.env``, keys, ``.aws/``, auth tokens, are excluded), and
+   ``env_vars`` is ``StorageConfig.worker_env()``: endpoint and region only. Credentials are
+   never sent: Ray writes a job's runtime env into its logs and shows it in the job API, so
+   the cluster's nodes use their own (an instance profile, IRSA, a Kubernetes Secret mounted
+   into the pods; see the README's Security section). A runtime env that would carry a
+   secret-looking variable is refused before anything is submitted.
    It also sets ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1``: the driver passes the same variables to its
    own ``ray.init(runtime_env=...)``, and without it Ray 2.60 fails the job ("Failed to merge
    the Job's runtime env ... because of a conflict").
@@ -78,9 +81,15 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/submit.py` from a checkout wi
     sys.path.insert(1, str(REPO_ROOT))
 
 from omni_ray.config import Config, ConfigError, load_config  # noqa: E402
+from omni_ray.storage import secret_env_names  # noqa: E402
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".venv", ".git", "*.whl", ".whl", "tests", "bench", "__pycache__", "*.egg-info", ".pytest_cache"]
+# Files that hold secrets never go into the job's working dir (Ray uploads it to the cluster's
+# GCS and unpacks it on every node): s3.env, which the KubeRay instructions create for
+# `kubectl create secret --from-env-file`, private keys, AWS credentials, Ray auth tokens.
+SECRET_FILE_EXCLUDES = ["*.env", ".env", ".env.*", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*", ".aws",
+                        "credentials", "auth_token", ".netrc", ".ray", "*.kubeconfig", "kubeconfig"]
 ID_PREFIX = "omni-ray-"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -121,13 +130,17 @@ def build_runtime_env(cfg: Config, working_dir: str | Path = REPO_ROOT, pip_inst
     """Ray runtime env for the job: code, S3 env for driver and workers, optional pip."""
     env: dict = {
         "working_dir": str(Path(working_dir).resolve()),
-        "excludes": list(EXCLUDES),
+        "excludes": EXCLUDES + SECRET_FILE_EXCLUDES,
         # The driver (omni_ray.launch.driver.ensure_ray) calls ray.init(runtime_env={"env_vars":
         # worker_env()}) again inside the job; Ray refuses to merge a job's and a driver's runtime
-        # env that set the same env var (AWS_ACCESS_KEY_ID ...) unless this is set. The values
+        # env that set the same env var (AWS_ENDPOINT_URL ...) unless this is set. The values
         # are the same ones (the driver reads them from the env this job gives it).
         "env_vars": {**cfg.storage.worker_env(), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"},
     }
+    leaked = secret_env_names(env["env_vars"])
+    if leaked:  # defence in depth: worker_env() never returns these
+        raise SubmitError(f"the job's runtime env would carry secrets {leaked}; Ray logs runtime envs and shows "
+                          "them in its job API. Give the cluster's nodes their own credentials instead")
     packages = list(pip or [])
     if pip_install_self:
         env["py_modules"] = [str(REPO_ROOT / "omni_ray")]
@@ -267,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    runtime_env = build_runtime_env(cfg, args.working_dir, args.pip_install_self, args.pip)
+    try:
+        runtime_env = build_runtime_env(cfg, args.working_dir, args.pip_install_self, args.pip)
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     metadata = {"omni_ray_run": cfg.run.name, "omni_ray_config": Path(args.config).name}
 
     from ray.job_submission import JobSubmissionClient

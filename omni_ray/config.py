@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omni_ray.errors import UserError
-from omni_ray.storage import StorageConfig
+from omni_ray.storage import StorageConfig, url_credentials_error
 
 Mode = Literal["frozen", "full", "lora"]
 GROUPS = ("vision", "projector", "llm", "embeddings", "lm_head")
@@ -31,8 +31,35 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, phrased as ``key: what is wrong; how to fix it``."""
 
 
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys, wrong types and non-finite numbers are errors.
+
+    ``strict``: YAML 1.1 reads ``yes``/``on`` as booleans and pydantic's lax mode would turn
+    ``micro_batch_size: yes`` into 1 and ``use_gpu: "no"`` into False; strict types make each
+    of those an error naming the key. ``allow_inf_nan=False``: ``lr: .inf`` is a typo, not a rate.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_url_credentials(cls, value: Any) -> Any:
+        for text in _strings(value):
+            problem = url_credentials_error(text)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class ModelConfig(Section):
@@ -201,7 +228,16 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(
         256, ge=1, description="Rows in each worker's shuffle buffer; the order is a function of train.seed and the epoch."
     )
-    num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
+    num_cpus_per_preprocess_task: float = Field(
+        0.5, gt=0, description="Logical CPUs each preprocessing actor reserves; fractional so a small machine "
+        "fits its training workers and several actors."
+    )
+    preprocess_actors_per_worker: float = Field(
+        1.0, gt=0, description="Preprocessing actors kept per training worker: the pool's lower bound."
+    )
+    preprocess_max_actors_per_worker: float = Field(
+        2.0, gt=0, description="The pool grows under load (Ray Data autoscaling) up to this many per training worker."
+    )
 
     @field_validator("train")
     @classmethod
@@ -240,6 +276,24 @@ class TrainConfig(Section):
         return (self.adam_beta1, self.adam_beta2)
 
 
+# DeepSpeed's top-level config keys (https://www.deepspeed.ai/docs/config-json/ and
+# deepspeed/runtime/config.py); tests/unit/test_config_strict.py checks each appears in the
+# installed DeepSpeed, so the list cannot drift into names DeepSpeed never reads.
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "activation_checkpointing", "flops_profiler", "comms_logger",
+    "wall_clock_breakdown", "memory_breakdown", "steps_per_print", "dump_state", "tensorboard", "wandb",
+    "csv_monitor", "comet", "aio", "elasticity", "data_efficiency", "curriculum_learning",
+    "compression_training", "checkpoint", "data_types", "communication_data_type",
+    "seq_parallel_communication_data_type", "dataloader_drop_last", "autotuning", "eigenvalue",
+    "progressive_layer_drop", "pipeline", "sparse_attention", "disable_allgather", "graph_harvesting",
+    "use_data_before_expert_parallelism", "compile", "hybrid_engine", "weight_quantization",
+    "gradient_allreduce_op", "disable_python_gc", "timers", "nebula",
+})
+
+
 class StrategyConfig(Section):
     name: Literal["fsdp", "deepspeed"] = "fsdp"
     zero_stage: Literal[2, 3] = 3
@@ -250,8 +304,25 @@ class StrategyConfig(Section):
         default_factory=dict, description="Extra DeepSpeed config keys, merged over the generated config."
     )
 
+    @field_validator("deepspeed_extra")
+    @classmethod
+    def _known_deepspeed_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # A misspelt key would be ignored by DeepSpeed without a word.
+        unknown = sorted(set(value) - DEEPSPEED_TOP_LEVEL_KEYS)
+        if unknown:
+            raise ValueError(f"{unknown} are not DeepSpeed config keys; check the spelling against "
+                             "https://www.deepspeed.ai/docs/config-json/ (e.g. zero_optimization, gradient_clipping)")
+        return value
+
 
 class CheckpointConfig(Section):
+    resume: Literal["auto", "weights_only"] = Field(
+        "auto",
+        description="auto: continue this run.name from its newest whole checkpoint, refused when what the "
+        "trained state depends on (base weights, architecture, freeze plan, LoRA settings, tokenizer) changed; "
+        "weights_only: load only the checkpoint's trained tensors into the changed setup, with a new optimizer "
+        "and schedule from step 0. To start fresh instead, pick a new run.name.",
+    )
     every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; none: at the end.")
     keep: int | None = Field(2, ge=1)
     async_upload: bool = True
@@ -269,6 +340,10 @@ class ScalingConfig(Section):
     )
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one worker's GPU; `omni-ray validate` warns when its estimate is above "
+        "it. Default: the GPU detected on the machine that runs validate."
     )
     gpu_wait_timeout_s: float = Field(
         900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
@@ -399,6 +474,33 @@ class Config(Section):
             return raw
         return map_minicpmv_flags(raw)
 
+    @model_validator(mode="after")
+    def _no_settings_on_frozen_groups(self) -> "Config":
+        # Runs after MiniCPM-V's flags are mapped, so `tune_llm: false` + `use_lora: true`
+        # (LoRA on the LLM) is judged by the mode it maps to, not by the flag's name.
+        problems = frozen_group_problems(self.freeze, self.lora)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def frozen_group_problems(freeze: FreezeConfig, lora: LoraConfig) -> list[str]:
+    """Settings that would do nothing because their group does not train that way (pure)."""
+    problems = []
+    unfrozen_by_override = any(o.mode == "full" for o in freeze.overrides)
+    for group in GROUPS:
+        mode = freeze.group(group).mode
+        if mode == "frozen" and freeze.group(group).last_n_layers is not None:
+            problems.append(f"freeze.{group}.last_n_layers: the group is frozen, so it selects nothing; remove "
+                            f"it or set freeze.{group}.mode to full or lora")
+        if mode == "frozen" and group in freeze.lr and not unfrozen_by_override:
+            problems.append(f"freeze.lr.{group}: the group is frozen and no override trains any of it; remove "
+                            f"the rate or set freeze.{group} to full or lora")
+        if mode != "lora" and group in lora.per_group:
+            problems.append(f"lora.per_group.{group}: freeze.{group} is {mode}, not lora; remove the entry or "
+                            f"set freeze.{group}: lora")
+    return problems
+
 
 def flag_value(flag: str, value: Any, kind: type) -> Any:
     """A flag's value as MiniCPM-V's shell scripts write it, checked and converted to ``kind``.
@@ -526,12 +628,40 @@ def map_minicpmv_flags(raw: dict) -> dict:
 # --- loading -------------------------------------------------------------------------------
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys and reads ``1e-4`` as a number.
+
+    PyYAML keeps the last of two equal keys without a word, so a second ``lr:`` silently wins;
+    and YAML 1.1 reads ``1e-4`` (no dot) as a string, which strict number fields would then
+    refuse although everyone writes learning rates that way (YAML 1.2 reads it as a float).
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key}: set twice (lines {seen[key]} and {line}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``section.key=value`` → (["section", "key"], value parsed as YAML)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
     key, _, value = item.partition("=")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    return key.strip().split("."), parse_yaml(value) if value.strip() else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -550,16 +680,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# Strict-type errors, rephrased with the fix (YAML 1.1 reads yes/no/on/off as booleans).
+_TYPE_FIXES = {
+    "bool_type": "expected true or false, got {input!r}; write true or false",
+    "int_type": "expected a whole number, got {input!r}; write a number (yes/no/on/off are booleans in YAML)",
+    "float_type": "expected a number, got {input!r}; write a number such as 1.0e-4",
+    "finite_number": "expected a finite number, got {input!r}; .inf and .nan are not allowed",
+    "string_type": "expected text, got {input!r}; quote it",
+}
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling against `omni-ray validate --schema` or remove it"
         elif e["type"] == "missing":
             msg = "required; add it to the config"
-        lines.append(f"  {key}: {msg}")
+        elif e["type"] in _TYPE_FIXES:
+            msg = _TYPE_FIXES[e["type"]].format(input=e.get("input"))
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")  # model-level messages name their keys
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -572,7 +714,9 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):

@@ -8,11 +8,13 @@ for object storage (AWS S3, MinIO, Ceph, a local ``moto_server`` in tests) and a
 of object Ray Data and Ray Train take, so there is one code path for data, models and
 checkpoints.
 
-Credentials are never config fields, so they never land in a YAML file, a log line or a
-checkpoint: they come from the standard AWS environment variables (or an instance role).
-Ray workers do not reliably inherit the driver's environment (a job submitted to a running
-cluster starts workers from the raylet's environment), so the driver must hand them over
-explicitly, e.g. ``runtime_env={"env_vars": storage.worker_env()}``.
+Credentials are never config fields, and they never travel: not in a runtime env (Ray writes
+runtime envs into its session logs and shows them in the job API), not inside a pickled
+filesystem object, not in a checkpoint. Every process, driver or worker, gets them from its own
+node through the AWS SDK's default chain: the ``AWS_*`` environment of the node (on a local Ray,
+workers inherit the driver's), a credentials file, an instance profile (cluster/aws) or IRSA /
+a mounted Kubernetes Secret (cluster/kuberay). The driver forwards only what is not secret
+(:meth:`StorageConfig.worker_env`: endpoint and region).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import fcntl
 import functools
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Optional
@@ -30,8 +33,13 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field, field_validator
 
+from omni_ray.errors import UserError
+
 __all__ = [
     "CREDENTIAL_ENV_VARS",
+    "RunLocation",
+    "StorageError",
+    "secret_env_names",
     "COMPLETE_MARKER",
     "StorageConfig",
     "is_remote",
@@ -47,12 +55,22 @@ __all__ = [
     "download_dir",
 ]
 
-#: Environment variables that carry S3 credentials; read, never stored in config.
+#: Environment variables that carry S3 credentials; read by the AWS SDK on each node, never
+#: stored in config and never forwarded to workers.
 CREDENTIAL_ENV_VARS: tuple[str, ...] = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+
+#: Names of environment variables that hold secrets (storage and experiment-tracker keys, tokens):
+#: nothing omni_ray builds for a Ray runtime env may carry one (see :func:`secret_env_names`).
+SECRET_ENV_PATTERN = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+
+
+def secret_env_names(env: dict[str, str]) -> list[str]:
+    """The keys of ``env`` that look like secrets (AWS keys, WANDB_API_KEY, MLFLOW_TRACKING_TOKEN ...)."""
+    return sorted(name for name in env if name in CREDENTIAL_ENV_VARS or SECRET_ENV_PATTERN.search(name))
 
 #: File written last by :func:`download_dir`; its presence means the copy is whole.
 COMPLETE_MARKER = ".complete"
@@ -61,7 +79,20 @@ _LOCK_FILE = ".lock"
 _CHUNK = 8 << 20  # 8 MiB: stream big files (model shards) instead of reading them whole
 
 
-class StorageConfig(BaseModel, extra="forbid"):
+# A URL's user-info part (scheme://user:password@host): credentials never belong in a config,
+# which is copied into checkpoints and shown in logs.
+_URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*@")
+
+
+def url_credentials_error(value: str) -> Optional[str]:
+    """The fix for a URL that embeds credentials, or None. Never repeats the value (it is a secret)."""
+    if not _URL_CREDENTIALS.match(value):
+        return None
+    return ("holds credentials in the URL (user:password@); remove them: storage credentials come from "
+            "the node (AWS_* environment, instance profile, IRSA, a mounted Secret or credentials file)")
+
+
+class StorageConfig(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
     """Where object storage lives. Holds no secrets; see the module docstring."""
 
     endpoint_url: Optional[str] = Field(
@@ -100,6 +131,9 @@ class StorageConfig(BaseModel, extra="forbid"):
     def _check_endpoint(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
             return None
+        problem = url_credentials_error(value)
+        if problem:
+            raise ValueError(problem)
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
@@ -114,18 +148,57 @@ class StorageConfig(BaseModel, extra="forbid"):
         return value.rstrip("/")
 
     def worker_env(self) -> dict[str, str]:
-        """Environment variables that let a Ray worker reach this storage.
+        """The non-secret settings a Ray worker needs to reach this storage: endpoint and region.
 
-        The credential variables set in this (driver) process, plus ``AWS_ENDPOINT_URL``
-        when :attr:`endpoint_url` is set. Pass the result as
-        ``runtime_env={"env_vars": ...}``. Note that Ray shows a task's runtime_env in its
-        dashboard and state API, so on shared clusters prefer instance roles / IRSA, in
-        which case this returns no secrets at all.
+        Pass it as ``runtime_env={"env_vars": ...}``. Credentials are deliberately absent (see
+        the module docstring): workers read their own node's.
         """
-        env = {name: os.environ[name] for name in CREDENTIAL_ENV_VARS if os.environ.get(name)}
+        env = {"AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region}
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         return env
+
+
+class StorageError(UserError, OSError):
+    """Storage that exists but cannot be used (credentials, network, a missing bucket).
+
+    Kept apart from :class:`FileNotFoundError` so that callers never read an outage as
+    "nothing there" (e.g. "no checkpoint yet: start from step 0"). A :class:`UserError`: the
+    CLI prints its one-line message and exits 2.
+    """
+
+
+class RunLocation(BaseModel, frozen=True):
+    """Where one run lives (``base/name``, local or S3): the one place that works it out.
+
+    Made once on the driver with :meth:`of` (a local ``base`` becomes absolute there, because
+    workers do not share the driver's working directory) and handed to workers as is; the
+    config is never rewritten to carry it.
+    """
+
+    base: str
+    name: str
+    storage: StorageConfig = StorageConfig()
+
+    @classmethod
+    def of(cls, run, storage: Optional[StorageConfig] = None) -> "RunLocation":
+        """From a RunConfig (``storage_path``, ``name``) and the StorageConfig."""
+        base = run.storage_path
+        if not is_remote(base):
+            base = _local_path(base)
+        return cls(base=base, name=run.name, storage=storage or StorageConfig())
+
+    @property
+    def uri(self) -> str:
+        """The run's directory: ``base/name``."""
+        return join(self.base, self.name)
+
+    def for_ray(self) -> tuple[str, Optional[pafs.FileSystem]]:
+        """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig`` (the fs None locally)."""
+        if is_remote(self.base):
+            fs, path = resolve(self.base, self.storage)
+            return path, fs
+        return self.base, None
 
 
 # ----------------------------------------------------------------------------- URIs
@@ -167,8 +240,8 @@ def resolve(uri: str, storage: Optional[StorageConfig] = None) -> tuple[pafs.Fil
     """Turn a URI into ``(filesystem, path)`` for :mod:`pyarrow.fs`.
 
     ``s3://bucket/key`` gives an :class:`pyarrow.fs.S3FileSystem` configured from
-    ``storage`` with credentials read from the environment now (explicitly, so the
-    filesystem object carries them when pickled to Ray workers) and ``"bucket/key"``.
+    ``storage`` (credentials from the AWS SDK's default chain, in whichever process uses
+    it) and ``"bucket/key"``.
     Anything else gives the local filesystem and an absolute path.
     """
     if not is_remote(uri):
@@ -207,12 +280,11 @@ def _s3_filesystem(
         kwargs["scheme"] = parts.scheme
     if anonymous:
         kwargs["anonymous"] = True
-    elif key and secret:
-        # Passed explicitly (not left to the SDK) so a pickled filesystem carries them.
-        kwargs.update(access_key=key, secret_key=secret)
-        if token:
-            kwargs["session_token"] = token
-    # Otherwise the AWS SDK's default chain applies (profile, instance role, IRSA).
+    # Credentials are left to the AWS SDK's default chain (environment, profile, instance role,
+    # IRSA), resolved in the process that uses the filesystem: passing them explicitly would
+    # pickle them into every Ray task and actor that receives this object. key/secret/token are
+    # only part of the cache key, so a rotated credential gives a fresh client.
+    del key, secret, token
     return pafs.S3FileSystem(**kwargs)
 
 

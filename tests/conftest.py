@@ -14,10 +14,10 @@ state in memory, so a restart loses every object; ``start()`` recreates the buck
 
 ``ray_local`` (session): ``ray.init(num_cpus=4)`` (logical CPUs) without dashboard (the test machine has
 two cores shared with others), with ``RAY_ENABLE_UV_RUN_RUNTIME_ENV=0`` so Ray does not
-try to rebuild the uv environment for workers. It does not pass AWS credentials to Ray:
-code under test must hand them to workers explicitly (``StorageConfig.worker_env()`` in a
-``runtime_env``), and when ``ray_local`` is requested before ``s3`` the workers really do
-start without them, which is what a cluster looks like.
+try to rebuild the uv environment for workers. The "node" it starts has its own (fake) AWS
+credentials in its environment, set before ``ray.init`` whichever fixture comes first: that
+is how a cluster node gets them (instance profile, IRSA, a mounted Secret), and code under
+test must never forward credentials to workers itself (tests/dist/test_secrets.py).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def s3():
 def ray_local():
     import ray
 
-    environ = _Environ({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    environ = _Environ({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **_AWS_ENV})
     # 4 logical CPUs on a 2-core machine: two training workers (1 CPU each) plus Ray Data's
     # preprocessing actors must fit at once, or the pipeline waits forever for a free CPU.
     ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True)

@@ -50,7 +50,7 @@ def accuracy(cfg: Config, items: list[dict], checkpoint: str | None) -> float:
     from omni_ray.models.loading import load_processor, local_model_dir
     from omni_ray.train.checkpoint import restore_model
 
-    model, spec, _ = restore_model(cfg, checkpoint)
+    model, spec, _ = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage, checkpoint)
     processor = load_processor(cfg.model, local_model_dir(cfg.model, cfg.storage))
     sp = SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs)
     return choice_accuracy(model, sp, items, spec.image_inputs, sp.tokenizer.pad_token_id or 0)

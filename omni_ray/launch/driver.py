@@ -3,22 +3,22 @@
 Runs the same on a laptop (no RAY_ADDRESS: a local Ray starts) and as a Ray job driver on a
 cluster (``ray job submit`` sets RAY_ADDRESS). Credentials never travel in the config.
 
-The driver owns the run's location: ``run_location`` turns ``run`` + ``storage`` into the URI
-workers resume from and the (storage_path, filesystem) pair Ray Train writes to; the config
-itself is never rewritten.
+The run's location comes from one place, ``omni_ray.storage.RunLocation``: the URI workers
+resume from and the (storage_path, filesystem) pair Ray Train writes to; the config itself is
+never rewritten.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from omni_ray.config import Config, ConfigError, DataConfig, RunConfig, ScalingConfig
+from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
+from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
-from omni_ray.storage import StorageConfig
+from omni_ray.storage import RunLocation, StorageConfig
 
 
 @dataclass
@@ -73,7 +73,8 @@ def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:
     preprocessing actors and a Parquet read task. Sized exactly to workers and actors, Ray Data's
     read tasks never get a CPU and training from prepared shards waits forever."""
     per_worker = scaling.resources_per_worker.get("CPU", 1.0)
-    needed = scaling.num_workers * per_worker + data.num_cpus_per_preprocess_task + 1
+    actors = preprocess_pool(data, scaling.num_workers)[0]  # the pool's lower bound must start
+    needed = scaling.num_workers * per_worker + actors * data.num_cpus_per_preprocess_task + 1
     return max(cores, int(needed + 0.999))
 
 
@@ -120,17 +121,6 @@ def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> None:
         "scaling.num_workers, or raise scaling.gpu_wait_timeout_s")
 
 
-def run_location(run: RunConfig, storage: StorageConfig) -> tuple[str, str, object | None]:
-    """(run URI, storage_path, filesystem): where the run lives, for the workers and for Ray Train."""
-    from omni_ray import storage as st
-
-    if st.is_remote(run.storage_path):
-        fs, path = st.resolve(run.storage_path, storage)
-        return st.join(run.storage_path, run.name), path, fs
-    local = str(Path(run.storage_path).expanduser().resolve())  # workers do not share the driver's cwd
-    return st.join(local, run.name), local, None
-
-
 def train(cfg: Config):
     """Run training under Ray Train; returns Ray's Result (metrics, checkpoint, path)."""
     import ray.train
@@ -144,11 +134,12 @@ def train(cfg: Config):
     if cfg.scaling.use_gpu:
         wait_for_gpus(cfg.scaling)
     num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
-    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage)
-    run_uri, storage_path, filesystem = run_location(cfg.run, cfg.storage)
+    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
+    location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
+    storage_path, filesystem = location.for_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows, "run_uri": run_uri},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows, "run_uri": location.uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

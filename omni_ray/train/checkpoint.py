@@ -1,53 +1,196 @@
-"""Checkpoints: what a run writes at every_n_steps and at the end.
+"""Checkpoints: what a run writes at every_n_steps and at the end, and how it is read back.
 
 A trainable-only checkpoint holds the parameters the freeze plan trains (full modules and LoRA
 adapters, by their names in the wrapped model), the config, and the base model's location; the
 frozen weights are read again from the base checkpoint. ``manifest.json`` is written last: a
 directory without one is an interrupted write and is never loaded.
+
+Checkpoints are data, never code. Nothing here unpickles an arbitrary object: tensors come from
+safetensors, ``train_state.pt`` is read with ``torch.load(weights_only=True)`` (tensors and
+plain containers only), DCP's pickled ``.metadata`` is screened by an allow-list unpickler
+before DCP reads it, and every file read back (``config.yaml`` included) must match the
+checksum in the manifest.
+
+Resume is explicit about what it continues: the manifest records the run's *identity* (base
+weights by content, architecture, freeze plan, LoRA settings, tokenizer); :func:`load` refuses a
+checkpoint whose identity differs from the current run's, naming the changed keys, unless
+``checkpoint.resume: weights_only`` asks for the trained tensors alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import pickle
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from omni_ray.config import Config, dump_config
+from omni_ray.config import CheckpointConfig, FreezeConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan
+from omni_ray.storage import StorageConfig, StorageError
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: unfinished, damaged, or made for another model."""
-
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "train_state.pt"
 WEIGHTS = "weights.safetensors"  # trainable tensors only, or all (manifest says which)
+CONFIG = "config.yaml"
+FORMAT = "omni_ray.checkpoint/2"
+
+# Files that make up a model's weights / tokenizer, hashed by content for the run's identity.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                    "chat_template.json")
 
 
-def base_fingerprint(local_dir: str | Path) -> str:
-    """Identify the base checkpoint cheaply: config.json plus every weight file's safetensors header.
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unfinished, damaged, or made for another setup (names the way out)."""
 
-    Headers list each tensor's name, dtype, shape and byte offsets, so another checkpoint (or a
-    different revision of one) gives another fingerprint without hashing gigabytes of weights.
-    """
+
+class ResumeMismatch(CheckpointError):
+    """The checkpoint was trained on another setup than this run's (see :func:`identity_changes`)."""
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    root = Path(local_dir)
-    digest.update((root / "config.json").read_bytes())
-    for weights in sorted(root.glob("*.safetensors")):
-        with open(weights, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            digest.update(weights.name.encode() + f.read(size))
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
-def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_state: dict,
-         base_dir: str | Path) -> str | None:
+def _identity_cache_dir() -> Path:
+    return Path(os.environ.get("OMNI_RAY_CACHE", "~/.cache/omni_ray")).expanduser() / "weights-identity"
+
+
+def content_digest(local_dir: str | Path, names: list[str]) -> str:
+    """sha256 over the named files' contents, each hashed once per (path, size, mtime).
+
+    The per-file digests are cached in a sidecar under ``$OMNI_RAY_CACHE/weights-identity``
+    (the model directory may be read-only), so a multi-GB base model is read once per node and
+    version, not at every start; a changed file (new size or mtime) is hashed again. Models from
+    S3 are hashed in their node-local download, once per download.
+    """
+    root = Path(local_dir).resolve()
+    sidecar = _identity_cache_dir() / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
+    try:
+        cache = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest, changed = hashlib.sha256(), False
+    for name in sorted(names):
+        stat = (root / name).stat()
+        key = f"{name}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = _sha256(root / name), True
+        digest.update(f"{name}\0{cache[key]}\n".encode())
+    if changed:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, sidecar)  # atomic: ranks on one node may race; either copy is right
+    return digest.hexdigest()
+
+
+def _architecture(local_dir: Path, arch: str) -> str:
+    """The spec name plus config.json without fields that do not change the network."""
+    config = json.loads((local_dir / "config.json").read_text())
+    for noise in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(noise, None)
+    return f"{arch}:" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_identity(base_dir: str | Path, arch: str, plan: FreezePlan, lora: LoraConfig) -> dict:
+    """What the trained state depends on; recorded in every checkpoint and checked on resume.
+
+    ``base_weights`` is a content hash, so a same-shape different model does not pass; the
+    freeze plan is its hash plus the trained parameter names (for the message); LoRA settings
+    are those that change what the adapter tensors mean.
+    """
+    root = Path(base_dir)
+    weights = [p.name for p in root.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
+    tokenizer = [n for n in _TOKENIZER_FILES if (root / n).is_file()]
+    trained = sorted(p.name for p in plan.params if p.mode == "full")
+    modes = "\n".join(f"{p.name}:{p.mode}" for p in sorted(plan.params, key=lambda p: p.name))
+    identity = {
+        "base_weights": content_digest(root, weights),
+        "architecture": _architecture(root, arch),
+        "freeze_plan": {"hash": hashlib.sha256(modes.encode()).hexdigest()[:16], "trained": trained,
+                        "lora_modules": sorted(plan.lora_modules)},
+        "tokenizer": content_digest(root, tokenizer) if tokenizer else None,
+        "lora": None,
+    }
+    if plan.lora_modules:
+        identity["lora"] = {"r": lora.r, "alpha": lora.alpha, "dora": lora.dora, "rslora": lora.rslora,
+                            "qlora": lora.qlora, "rank_pattern": dict(plan.rank_pattern),
+                            "alpha_pattern": dict(plan.alpha_pattern)}
+    return identity
+
+
+def identity_changes(saved: dict | None, current: dict) -> list[str]:
+    """Human-readable differences, one per changed key (``lora.alpha: 32 -> 16``); [] if equal."""
+    if not saved:
+        return ["identity: not recorded (a checkpoint from an older omni_ray)"]
+    changes = []
+    for key in ("base_weights", "architecture", "tokenizer"):
+        if saved.get(key) != current.get(key):
+            changes.append(f"{key}: {str(saved.get(key))[:12]} -> {str(current.get(key))[:12]}")
+    old_plan, new_plan = saved.get("freeze_plan") or {}, current["freeze_plan"]
+    if old_plan.get("hash") != new_plan["hash"]:
+        gained = sorted(set(new_plan["trained"]) - set(old_plan.get("trained", [])))
+        lost = sorted(set(old_plan.get("trained", [])) - set(new_plan["trained"]))
+        lora_diff = sorted(set(new_plan["lora_modules"]) ^ set(old_plan.get("lora_modules", [])))
+        changes.append(f"freeze_plan: {len(gained)} parameters newly trained {gained[:2]}, {len(lost)} no longer "
+                       f"{lost[:2]}, LoRA targets changed {lora_diff[:2]}")
+    old_lora, new_lora = saved.get("lora") or {}, current.get("lora") or {}
+    for key in sorted(set(old_lora) | set(new_lora)):
+        if old_lora.get(key) != new_lora.get(key):
+            changes.append(f"lora.{key}: {old_lora.get(key)!r} -> {new_lora.get(key)!r}")
+    return changes
+
+
+def check_resume(path: str | Path, manifest: dict, identity: dict) -> None:
+    """Raise :class:`ResumeMismatch` naming every changed key and the two ways forward."""
+    changes = identity_changes(manifest.get("identity"), identity)
+    if changes:
+        raise ResumeMismatch(
+            f"checkpoint {path} was trained on another setup than this config: {'; '.join(changes)}. "
+            "Continuing it would apply the old optimizer state and schedule to a different model. Either "
+            "start fresh under a new run.name, or set checkpoint.resume: weights_only to load only its "
+            "trained tensors (new optimizer, from step 0)")
+
+
+# ------------------------------------------------------------------------------ save
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What every checkpoint of one run records beside its tensors; made once when the run starts."""
+
+    run_name: str
+    base_model: str  # model.path as configured
+    config_text: str  # the run's config.yaml (the config forbids secrets, so it carries none)
+    identity: dict
+
+
+def run_record(run: RunConfig, model: ModelConfig, config_text: str, identity: dict) -> RunRecord:
+    return RunRecord(run.name, model.path, config_text, identity)
+
+
+def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointConfig, step: int, rank: int,
+         train_state: dict) -> str | None:
     """Write one checkpoint (collective); returns this rank's directory to report, or None.
 
     Two layouts, one manifest:
@@ -59,15 +202,15 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_st
       rank into its own directory with rank-unique file names; Ray Train uploads all of them
       into one checkpoint directory, and DCP reshards on load, onto any number of workers.
 
-    Rank 0 adds the scheduler/RNG/data position (``train_state.pt``), the config, the base
-    model's location and fingerprint, and ``manifest.json`` with every file's checksum, last.
+    Rank 0 adds the scheduler/RNG/data position (``train_state.pt``), the config, the run's
+    identity, and ``manifest.json`` with every file's checksum, last.
     """
-    trainable_only = cfg.checkpoint.trainable_only
+    trainable_only = checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
     sharded = not trainable_only and strategy.supports_sharded_checkpoint
     if sharded or rank == 0:
-        path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{cfg.run.name}_step{step:07d}_r{rank}_"))
+        path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{record.run_name}_step{step:07d}_r{rank}_"))
     if sharded:
         strategy.save_sharded(str(path))
         engine_state = strategy.save_state(rank, include_optimizer=False)
@@ -83,26 +226,23 @@ def save(strategy, plan: FreezePlan, cfg: Config, step: int, rank: int, train_st
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS))
-        files[WEIGHTS] = _sha256(path / WEIGHTS)
     torch.save({**train_state, "step": step, "engine": engine_state}, path / STATE)
-    files[STATE] = _sha256(path / STATE)
-    (path / "config.yaml").write_text(dump_config(cfg))
-    manifest = {
-        "format": "omni_ray.checkpoint/1",
-        "layout": "sharded" if sharded else "gathered",
-        "step": step,
-        "epoch": train_state["epoch"],
-        "created_at": time.time(),
-        "base_model": cfg.model.path,
-        "base_fingerprint": base_fingerprint(base_dir),
-        "trainable_only": trainable_only,
-        "tensors": sorted(tensors),
-        "files": files,
-    }
+    (path / CONFIG).write_text(record.config_text)
+    for name in (WEIGHTS, STATE, CONFIG):
+        if (path / name).is_file():
+            files[name] = _sha256(path / name)
+    _write_manifest(path, {
+        "format": FORMAT, "layout": "sharded" if sharded else "gathered", "step": step,
+        "epoch": train_state["epoch"], "created_at": time.time(), "base_model": record.base_model,
+        "identity": record.identity, "trainable_only": trainable_only, "tensors": sorted(tensors), "files": files,
+    })
+    return str(path)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / MANIFEST)
-    return str(path)
 
 
 def _gather_checksums(local: dict[str, str]) -> dict[str, str]:
@@ -118,67 +258,125 @@ def _gather_checksums(local: dict[str, str]) -> dict[str, str]:
     return merged
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ------------------------------------------------------------------------------ read
 
 
-def manifest_step(path: str | Path) -> int:
-    """The step a checkpoint directory holds, without checking its files (read_manifest does)."""
-    return json.loads((Path(path) / MANIFEST).read_text())["step"]
+def manifest_step(path: str | Path) -> int | None:
+    """The step a checkpoint directory holds (files unchecked: read_manifest does); None without a manifest."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())["step"]
 
 
 def read_manifest(path: str | Path) -> dict:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
+    """The manifest, after checking every file it lists against its checksum."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; this checkpoint was not finished and cannot be used; "
                               "pick an earlier checkpoint_* directory of the run")
-    manifest = json.loads(manifest.read_text())
-    for name, digest in manifest["files"].items():
-        if _sha256(Path(path) / name) != digest:
-            raise CheckpointError(f"{Path(path) / name}: checksum does not match the manifest; the checkpoint is "
-                                  "damaged: pick an earlier checkpoint_* directory of the run")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest ({err}); the checkpoint is damaged") from None
+    for name, digest in files.items():
+        file = Path(path) / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise CheckpointError(f"{file}: missing or its checksum does not match the manifest; the checkpoint "
+                                  "is damaged or was modified: pick an earlier checkpoint_* directory of the run")
     return manifest
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def checked_file(path: str | Path, manifest: dict, name: str) -> Path:
+    """A file of the checkpoint that the (verified) manifest covers; refuses any other."""
+    if name not in manifest["files"]:
+        raise CheckpointError(f"{Path(path) / name}: not covered by the manifest's checksums, so it is not read; "
+                              "the checkpoint is from an older omni_ray or was modified")
+    return Path(path) / name
+
+
+# Classes DCP's pickled .metadata is made of (torch 2.x); anything else is refused unread.
+_DCP_MODULES = ("torch.distributed.checkpoint.",)
+_DCP_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module + ".").startswith(_DCP_MODULES) or (module, name) in _DCP_NAMES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise CheckpointError(f"DCP metadata refers to {module}.{name}, which is not checkpoint metadata; "
+                                  "the checkpoint was modified and is not loaded")
+        return super().find_class(module, name)
+
+
+def screen_dcp_metadata(path: str | Path) -> None:
+    """Unpickle a sharded checkpoint's ``.metadata`` with an allow-list first.
+
+    DCP reads it with plain ``pickle.load``; the checksums prove only that files match the
+    manifest, and whoever can write one can write the other, so the content is screened too.
+    """
+    data = (Path(path) / ".metadata").read_bytes()
+    _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def load_tensors(path: str | Path, manifest: dict | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors by parameter name, whichever layout it has (no process group)."""
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    manifest = manifest or read_manifest(path)
     if manifest.get("layout") == "sharded":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+        screen_dcp_metadata(path)
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(str(path), f"{tmp}/full.pt")
-            return torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
+            return torch.load(f"{tmp}/full.pt", weights_only=True)["model"]
     from safetensors.torch import load_file
 
-    return load_file(str(Path(path) / WEIGHTS))
+    return load_file(str(checked_file(path, manifest, WEIGHTS)))
 
 
 def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
-    read_manifest(path)
-    return load_tensors(path)
+    return load_tensors(path, read_manifest(path))
 
 
-def load(path: str | Path, base_dir: str | Path) -> dict:
-    """Everything a resumed run needs; refuses a checkpoint made on another base model."""
+def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
+    """Everything a resumed run needs, after the checksums and the identity check.
+
+    ``resume="auto"``: the whole state, refused (:class:`ResumeMismatch`) when ``identity``
+    differs from the one recorded. ``resume="weights_only"`` with a differing identity: the
+    trained tensors only (always gathered into ``tensors``), ``train_state``/``rng`` None, step
+    0, ``weights_only`` True: the caller keeps its fresh optimizer and schedule.
+    """
     manifest = read_manifest(path)
-    if manifest["base_fingerprint"] != base_fingerprint(base_dir):
-        raise CheckpointError(
-            f"{path} was trained from base model {manifest['base_model']} with another content fingerprint; "
-            "resume with the same model.path, or start a new run (another run.name)"
-        )
-    state = torch.load(Path(path) / STATE, weights_only=False)
+    changes = identity_changes(manifest.get("identity"), identity)
+    # weights_only acts only on a changed setup: once this run has written its own checkpoints,
+    # a restart after a lost worker continues them whole instead of going back to step 0.
+    if resume == "weights_only" and changes:
+        log.warning("checkpoint.resume=weights_only: loading only the trained tensors of %s into a changed "
+                    "setup (%s); optimizer and schedule start fresh", path, "; ".join(changes))
+        return {"tensors": load_tensors(path, manifest), "sharded_dir": None, "train_state": None, "step": 0,
+                "epoch": 0, "consumed": None, "rng": None, "weights_only": True}
+    if changes:
+        check_resume(path, manifest, identity)
+    state = torch.load(checked_file(path, manifest, STATE), weights_only=True)
     sharded = manifest.get("layout") == "sharded"
-    return {"tensors": {} if sharded else load_tensors(path), "sharded_dir": str(path) if sharded else None,
+    if sharded:
+        screen_dcp_metadata(path)  # the strategy's DCP load unpickles it next
+    return {"tensors": {} if sharded else load_tensors(path, manifest), "sharded_dir": str(path) if sharded else None,
             "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
-            "consumed": state["consumed"], "rng": state["rng"]}
+            "consumed": state["consumed"], "rng": state["rng"], "weights_only": False}
 
 
-def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):
+def checkpoint_config_text(path: str | Path) -> str:
+    """The run's config.yaml, only after the manifest's checksum vouches for it."""
+    manifest = read_manifest(path)
+    return checked_file(path, manifest, CONFIG).read_text()
+
+
+def restore_model(model_cfg: ModelConfig, freeze: FreezeConfig, lora: LoraConfig, train: TrainConfig,
+                  storage: StorageConfig | None, checkpoint_dir: str | Path | None = None):
     """Base model + freeze plan (LoRA adapters) + the checkpoint's trained tensors, on CPU.
 
     Returns (model, spec, plan). Without a checkpoint this is the model as training starts.
@@ -186,45 +384,77 @@ def restore_model(cfg: Config, checkpoint_dir: str | Path | None = None):
     from omni_ray.train.build import build_trainable_model
 
     # Outside training: a full-precision base (a QLoRA run's adapters merge into it), no checkpointing.
-    built = build_trainable_model(cfg.model, cfg.freeze, cfg.lora.model_copy(update={"qlora": False}),
-                                  cfg.train.model_copy(update={"gradient_checkpointing": False}), cfg.storage)
+    built = build_trainable_model(model_cfg, freeze, lora.model_copy(update={"qlora": False}),
+                                  train.model_copy(update={"gradient_checkpointing": False}), storage)
     model, spec, plan = built.model, built.spec, built.plan
     if checkpoint_dir is not None:
         tensors = load_trainable(checkpoint_dir)
         result = model.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"{checkpoint_dir}: tensors {result.unexpected_keys[:3]} do not exist in the model "
-                             "built from this config; was the checkpoint written with another freeze map?")
+            raise CheckpointError(f"{checkpoint_dir}: tensors {result.unexpected_keys[:3]} do not exist in the model "
+                                  "built from this config; was the checkpoint written with another freeze map?")
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if trainable - set(tensors):
-            raise ValueError(f"{checkpoint_dir}: holds no value for trained tensors {sorted(trainable - set(tensors))[:3]}")
+            raise CheckpointError(f"{checkpoint_dir}: holds no value for trained tensors "
+                                  f"{sorted(trainable - set(tensors))[:3]}")
     return model, spec, plan
 
 
-def find_latest(run_uri: str, storage=None) -> tuple[int, str] | None:
-    """(step, uri) of the newest checkpoint under a run directory that has a manifest.
+# ---------------------------------------------------------------------------- discover
+
+
+def find_latest(run_uri: str, storage: StorageConfig | None = None) -> tuple[int, str] | None:
+    """(step, uri) of the newest whole checkpoint under a run directory, or None when there is none.
 
     Ray Train resumes from the checkpoints it registered; one whose upload finished but whose
     registration did not (the endpoint failed right after, the head went away) is still whole
-    when its manifest is there, and is the better place to resume from.
+    when its manifest and every file it lists are there, and is the better place to resume
+    from. Newer directories without a manifest (an interrupted write or upload) are skipped
+    with a warning. A run directory that does not exist means no checkpoint; any other storage
+    error (credentials, network, a missing bucket) is raised as :class:`StorageError`, never
+    read as "no checkpoint", which would silently restart a run from step 0.
     """
     from omni_ray import storage as st
 
     try:
         files = st.list_files(run_uri, storage)
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        raise StorageError(f"{run_uri}: cannot list the run's checkpoints ({err}); check storage.endpoint_url, "
+                           "the bucket and this node's credentials (AWS_* environment, instance profile, IRSA)") from err
     present = set(files)
-    best = None
-    for rel in files:
-        parts = rel.split("/")
-        if len(parts) == 2 and parts[1] == MANIFEST and parts[0].startswith("checkpoint_"):
-            uri = st.join(run_uri, parts[0])
-            manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), storage))
-            # Uploads copy files in no fixed order: a manifest whose files did not all arrive
-            # marks an interrupted upload, not a checkpoint.
-            if not all(f"{parts[0]}/{name}" in present for name in manifest["files"]):
-                continue
-            if best is None or manifest["step"] > best[0]:
-                best = (manifest["step"], uri)
+    best, unfinished = None, []
+    for directory in sorted({rel.split("/")[0] for rel in files if rel.startswith("checkpoint_") and "/" in rel}):
+        if f"{directory}/{MANIFEST}" not in present:
+            unfinished.append(directory)
+            continue
+        uri = st.join(run_uri, directory)
+        manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), storage))
+        # Uploads copy files in no fixed order: a manifest whose files did not all arrive
+        # marks an interrupted upload, not a checkpoint.
+        if not all(f"{directory}/{name}" in present for name in manifest["files"]):
+            unfinished.append(directory)
+            continue
+        if best is None or manifest["step"] > best[0]:
+            best = (manifest["step"], uri)
+    if unfinished:
+        log.warning("skipping unfinished checkpoint(s) under %s (no manifest or files missing): %s; using %s",
+                    run_uri, ", ".join(unfinished), best[1] if best else "none")
     return best
+
+
+def choose_resume(registered: str | None, found: tuple[int, str] | None) -> str | None:
+    """The checkpoint to resume from: the newer of Ray's registered one and the newest whole one found.
+
+    A registered directory without a manifest (a write cut short) is skipped with a warning,
+    as the README promises, instead of failing the run.
+    """
+    registered_step = manifest_step(registered) if registered else None
+    if registered and registered_step is None:
+        log.warning("checkpoint %s has no %s (an interrupted write); resuming from the last whole one instead",
+                    registered, MANIFEST)
+        registered = None
+    if found and (registered is None or found[0] > registered_step):
+        return found[1]
+    return registered

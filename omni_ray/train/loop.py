@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from omni_ray.config import Config
+from omni_ray.config import Config, dump_config
 from omni_ray.data.conversation import SampleProcessor
 from omni_ray.data.errors import REASONS
 from omni_ray.data.position import PositionSet
@@ -32,6 +32,7 @@ from omni_ray.train import checkpoint as ckpt
 from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
 from omni_ray.train.guard import FreezeGuard
+from omni_ray.train.loss import fused_loss_backend
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
 from omni_ray.train.resume import gather_positions, pick_checkpoint
 from omni_ray.train.step import StepResult, train_step
@@ -55,7 +56,13 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     total_steps = total_optimizer_steps(cfg.train, num_rows, session.world_size)
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
-    state = resume(session, engine, run_uri, cfg, built.local_dir)
+    if session.rank == 0:
+        log.info("loss: %s linear cross-entropy (no [tokens, vocab] logits are held)", fused_loss_backend(session.device))
+    # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
+    # recorded in every checkpoint, compared on resume.
+    record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg),
+                             ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora))
+    state = resume(session, engine, run_uri, cfg, record)
 
     processor = load_processor(cfg.model, built.local_dir)
     batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec)
@@ -84,30 +91,34 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             notice = session.preemption_notice()
             new_notice, state.under_notice = notice and not state.under_notice, notice
             if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, new_notice):
-                save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, total_steps)
+                save_checkpoint(session, engine, guard, cfg, state, last, record, total_steps)
             else:
                 session.report(last)
     if state.saved_at != state.step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
         last = {**last, "step": state.step, "epoch": state.epoch}
-        save_checkpoint(session, engine, guard, cfg, state, last, built.local_dir, state.step)
+        save_checkpoint(session, engine, guard, cfg, state, last, record, state.step)
     return last
 
 
-def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> TrainState:
+def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRecord) -> TrainState:
     """Restore the newest whole checkpoint into the engine; the fresh state when there is none.
 
     After a lost worker, or when the same command runs again with the same run name: the newer
     of Ray Train's registered checkpoint and the newest whole one in storage; ``ckpt.load``
-    checks every file against the manifest and the base model's fingerprint.
+    checks every file against the manifest and refuses a checkpoint of another setup (another
+    base model, freeze plan, LoRA settings, tokenizer) unless ``checkpoint.resume: weights_only``,
+    which loads the trained tensors alone and keeps the fresh optimizer, schedule and step 0.
     """
     path = pick_checkpoint(session.latest_checkpoint(), run_uri, cfg.storage, session.rank)
     if path is None:
         return TrainState()
-    saved = ckpt.load(path, base_dir)
+    saved = ckpt.load(path, record.identity, cfg.checkpoint.resume)
     if saved["sharded_dir"]:
         engine.load_sharded(saved["sharded_dir"])
     else:
         engine.load_trainable(saved["tensors"])
+    if saved["weights_only"]:
+        return TrainState()
     engine.load_state(saved["train_state"])
     torch.set_rng_state(saved["rng"]["torch"])
     state = TrainState(step=saved["step"], epoch=saved["epoch"], consumed=PositionSet.from_json(saved["consumed"]),
@@ -119,14 +130,14 @@ def resume(session, engine, run_uri: str | None, cfg: Config, base_dir: str) -> 
 
 
 def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, metrics: dict,
-                    base_dir: str, total_steps: int) -> None:
+                    record: ckpt.RunRecord, total_steps: int) -> None:
     """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
     # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
     train_state = {"epoch": state.epoch, "consumed": gather_positions(state.consumed).to_json(),
                    "rng": {"torch": torch.get_rng_state()}}
-    path = ckpt.save(engine, guard.plan, cfg, state.step, session.rank, train_state, base_dir)
+    path = ckpt.save(engine, guard.plan, record, cfg.checkpoint, state.step, session.rank, train_state)
     # The last one uploads synchronously so the run ends with it in storage.
     final = state.step >= total_steps
     session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)

@@ -21,17 +21,18 @@ from omni_ray.train import checkpoint as ckpt
 def pick_checkpoint(registered: str | None, run_uri: str | None, storage: StorageConfig | None,
                     rank: int) -> str | None:
     """The checkpoint to resume from as a local directory, the same on every rank (collective)."""
-    choice = None
-    if rank == 0 and run_uri:
-        found = ckpt.find_latest(run_uri, storage)
-        registered_step = ckpt.manifest_step(registered) if registered else -1  # ckpt.load verifies it
-        if found and found[0] > registered_step:
-            choice = found[1]
+    choice = "registered"  # rank 0 decides: "registered", "none" (nothing whole), or a URI in storage
+    if rank == 0:
+        # A registered directory without a manifest (a write cut short) is skipped with a warning.
+        picked = ckpt.choose_resume(registered, ckpt.find_latest(run_uri, storage) if run_uri else None)
+        choice = "none" if picked is None else "registered" if picked == registered else picked
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [choice]
         dist.broadcast_object_list(box, src=0)
         choice = box[0]
-    if choice is None:
+    if choice == "none":
+        return None
+    if choice == "registered":
         return registered
     return st.download_dir(choice, tempfile.mkdtemp(prefix="omni_ray_resume_"), storage)
 

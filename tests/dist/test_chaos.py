@@ -16,29 +16,37 @@ import time
 import psutil
 import pytest
 
-from omni_ray import storage as st
 from omni_ray.launch.driver import train
 from test_fault_tolerance import make_config, proxy, run_in_thread, trained_tensors  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.dist
 
 
-def latest_step(cfg) -> tuple[int, bool]:
-    """(newest checkpoint step with a manifest, whether some checkpoint directory lacks one: an upload)."""
-    prefix = f"{cfg.run.storage_path}/{cfg.run.name}"
-    try:
-        files = st.list_files(prefix, cfg.storage)
-    except (FileNotFoundError, OSError):
-        return -1, False
-    dirs = {f.split("/")[0] for f in files if f.startswith("checkpoint_")}
-    whole = {f.split("/")[0] for f in files if f.endswith("/manifest.json")}
-    steps = [json.loads(st.read_bytes(f"{prefix}/{d}/manifest.json", cfg.storage))["step"] for d in whole]
+def latest_step(s3, cfg) -> tuple[int, bool]:
+    """(newest checkpoint step with a manifest, whether some checkpoint directory lacks one: an upload).
+
+    Read straight from moto with boto3 (not through the proxy the test switches off, and not
+    through pyarrow's C++ client, which the run itself is using at the same time).
+    """
+    client, prefix = s3.client(), cfg.run.storage_path.removeprefix(f"s3://{s3.bucket}/") + f"/{cfg.run.name}/"
+    keys = [o["Key"][len(prefix):] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+    dirs = {k.split("/")[0] for k in keys if k.startswith("checkpoint_")}
+    whole = {k.split("/")[0] for k in keys if k.endswith("/manifest.json")}
+    steps = [json.loads(client.get_object(Bucket=s3.bucket, Key=f"{prefix}{d}/manifest.json")["Body"].read())["step"]
+             for d in whole]
     return max(steps, default=-1), bool(dirs - whole)
 
 
 def kill_a_worker(rng: random.Random) -> None:
-    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+    """SIGKILL one of this test's own training workers (its Ray cluster descends from this process)."""
+    workers = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # exited (or a zombie) while we looked
+            continue
     if workers:
         rng.choice(workers).send_signal(signal.SIGKILL)
 
@@ -68,12 +76,13 @@ def test_three_kills_and_an_s3_outage_end_on_the_uninterrupted_weights(
     thread, box = run_in_thread(cfg)
     for step in events:
         if step == outage_at:
-            wait_for(lambda: latest_step(cfg)[0] >= step - 2 and latest_step(cfg)[1], f"an upload after step {step}")
+            wait_for(lambda: latest_step(s3, cfg)[0] >= step - 2 and latest_step(s3, cfg)[1],
+                     f"an upload after step {step}")
             proxy.down()
             time.sleep(1.5)
             proxy.up()
         else:
-            wait_for(lambda: latest_step(cfg)[0] >= step, f"the checkpoint at step {step}")
+            wait_for(lambda: latest_step(s3, cfg)[0] >= step, f"the checkpoint at step {step}")
             kill_a_worker(rng)
     thread.join(timeout=900)
     assert "error" not in box, f"seed {seed}: {box.get('error')}"

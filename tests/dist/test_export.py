@@ -36,7 +36,7 @@ def trained(tiny_minicpmv, color_data, tmp_path_factory):
     checkpoint = [r["checkpoint"] for r in session.reports if r["checkpoint"]][-1]
     batch = collate([decode(r["sample"]) for r in rows[:4]], {"pixel_values": -1, "target_sizes": 0})
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens", "keep_alive")}
-    model, _, _ = restore_model(cfg, checkpoint)
+    model, _, _ = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage, checkpoint)
     with torch.no_grad():
         logits = model.eval()(**inputs).logits
     return cfg, checkpoint, inputs, logits

@@ -47,6 +47,10 @@ class Proxy:
         threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
 
     def down(self):
+        try:  # wakes the thread blocked in accept(), so the port is free to listen on again at once
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         for c in self.conns:
             try:

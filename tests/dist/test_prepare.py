@@ -235,11 +235,11 @@ def test_storage_config_errors_name_the_field(kwargs, match):
         st.StorageConfig(**kwargs)
 
 
-def test_worker_env_carries_credentials_and_endpoint(s3):
-    env = s3.storage.worker_env()
-    assert env["AWS_ACCESS_KEY_ID"] == "testing" and env["AWS_SECRET_ACCESS_KEY"] == "testing"
-    assert env["AWS_ENDPOINT_URL"] == s3.endpoint_url
-    assert "AWS_SESSION_TOKEN" not in env
+def test_worker_env_carries_endpoint_and_region_but_no_credentials(s3):
+    env = s3.storage.worker_env()  # the s3 fixture has AWS_* credentials in this environment
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & env.keys()
+    assert st.secret_env_names(env) == []
+    assert env["AWS_ENDPOINT_URL"] == s3.endpoint_url and env["AWS_REGION"] == "us-east-1"
     assert "AWS_ENDPOINT_URL" not in st.StorageConfig().worker_env()
 
 

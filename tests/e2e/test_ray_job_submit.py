@@ -50,6 +50,12 @@ RAY_CLI = str(BIN / "ray")
 SUBMIT_PY = REPO_ROOT / "jobs" / "submit.py"
 JOB_TIMEOUT_S = 480
 EXCLUDES = [".venv", ".git", "*.whl", "tests", "bench"]
+SUBMITTER_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAOMNIRAYSUBMIT123",
+    "AWS_SECRET_ACCESS_KEY": "omniRaySubmitLeakTestSecret0123456789",
+    "WANDB_API_KEY": "omniRaySubmitLeakTestWandb0123456789",
+    "MLFLOW_TRACKING_PASSWORD": "omniRaySubmitLeakTestMlflow",
+}
 
 
 def _free_port() -> int:
@@ -246,10 +252,10 @@ def test_submit_py_waits_for_success_and_refuses_a_second_driver(head, tiny_job,
     run_name = yaml.safe_load(config.read_text())["run"]["name"]
     first_id = f"omni-ray-{run_name}"
     # No RAY_AUTH_MODE in the submitter's environment, only the token: jobs/submit.py must send
-    # the header itself (Ray's client would not; see test_ray_client_needs_auth_mode). S3
-    # credentials in the submitter's shell travel as the job's env_vars, and the driver passes
-    # them to ray.init again: that must not make Ray refuse to merge the two runtime envs.
-    env = {**head.env(auth_mode=False), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    # the header itself (Ray's client would not; see test_ray_client_needs_auth_mode). Secrets
+    # in the submitter's shell (S3 and tracker keys) must not travel with the job: not in its
+    # runtime env, the job API's answers or the head's logs (checked below).
+    env = {**head.env(auth_mode=False), **SUBMITTER_SECRETS}
     proc = subprocess.Popen(_submit_cmd(head, config, workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     output: list[str] = []
@@ -284,7 +290,8 @@ def test_submit_py_waits_for_success_and_refuses_a_second_driver(head, tiny_job,
     info = client.get_job_info(first_id)
     assert info.entrypoint == f"omni-ray train jobs/{config.name}"
     assert info.metadata.get("omni_ray_run") == run_name
-    assert info.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "testing"
+    assert "AWS_ACCESS_KEY_ID" not in info.runtime_env["env_vars"], info.runtime_env
+    _assert_no_submitter_secrets(head, first_id)
     assert sorted((root / "runs" / run_name).glob("checkpoint_*/manifest.json")), sorted((root / "runs").rglob("*"))
     # The run ended: the next submission of it gets the next id (and resumes, same run.name).
     assert submit.resolve_submission_id(client, run_name) == f"{first_id}-2"
@@ -352,20 +359,41 @@ def test_ray_client_needs_auth_mode(head):
     assert with_mode.stdout.strip().endswith("OK"), with_mode
 
 
+def _assert_no_submitter_secrets(head, submission_id: str) -> None:
+    """The job API's answers (list and one job) and every file of the head's temp dir hold no secret."""
+    answers = []
+    for path in ("/api/jobs/", f"/api/jobs/{submission_id}"):
+        request = urllib.request.Request(head.address + path, headers=head.headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answers.append(response.read().decode())
+    assert submission_id in answers[0]  # the answer is the real job list
+    for name, value in SUBMITTER_SECRETS.items():
+        assert all(value not in answer for answer in answers), f"{name} in the job API's answer"
+    for file in Path(head.temp_dir).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            try:
+                data = file.read_bytes()
+            except OSError:
+                continue
+            for name, value in SUBMITTER_SECRETS.items():
+                assert value.encode() not in data, f"{name} in {file}"
+
+
 # --- pieces of jobs/submit.py that need no cluster ---------------------------------------------------
 
 
 def test_runtime_env_and_entrypoint(monkeypatch):
     from omni_ray.config import ConfigError, load_config
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    for name, value in SUBMITTER_SECRETS.items():
+        monkeypatch.setenv(name, value)
     cfg = load_config(REPO_ROOT / "jobs" / "minicpmv46_lora.yaml", ["storage.endpoint_url=http://minio:9000"])
     env = submit.build_runtime_env(cfg)
     assert env["working_dir"] == str(REPO_ROOT)
-    assert {".venv", ".git", "*.whl", "tests", "bench"} <= set(env["excludes"])
-    assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
+    assert {".venv", ".git", "*.whl", "tests", "bench", "*.env"} <= set(env["excludes"])
+    assert env["env_vars"] == {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
                                "AWS_ENDPOINT_URL": "http://minio:9000", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    assert not any(value in json.dumps(env) for value in SUBMITTER_SECRETS.values())
     assert "pip" not in env and "py_modules" not in env
     self_env = submit.build_runtime_env(cfg, pip_install_self=True, pip=["flash-attn"])
     assert self_env["py_modules"] == [str(REPO_ROOT / "omni_ray")]
@@ -380,6 +408,37 @@ def test_runtime_env_and_entrypoint(monkeypatch):
         "python -m omni_ray.launch.cli train jobs/x.yaml")
     with pytest.raises(ConfigError, match="outside the working dir"):
         submit.entrypoint_for("/tmp/elsewhere.yaml", REPO_ROOT, [])
+
+
+def test_secret_files_stay_out_of_the_working_dir(tmp_path):
+    """Ray's own packaging of the working dir, with jobs/submit.py's excludes: no secret file in the zip."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from omni_ray.config import load_config
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "run.yaml").write_text("x: 1\n")
+    secret_files = ["s3.env", ".env", "deploy/prod.env", "id_rsa", "tls.key", ".aws/credentials", ".ray/auth_token"]
+    for rel in secret_files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("AWS_SECRET_ACCESS_KEY=omniRayLeakTestSecret\n")
+    cfg = load_config({"model": {"path": "/m"}, "data": {"train": "/d.jsonl"}})
+    env = submit.build_runtime_env(cfg, tmp_path)
+    create_package(str(tmp_path), tmp_path / "pkg.zip", include_gitignore=True, excludes=env["excludes"])
+    shipped = set(zipfile.ZipFile(tmp_path / "pkg.zip").namelist())
+    assert "jobs/run.yaml" in shipped, shipped
+    assert not [name for name in shipped if any(name.rstrip("/").endswith(rel) for rel in secret_files)], shipped
+
+
+def test_a_secret_in_the_runtime_env_is_refused(monkeypatch):
+    from omni_ray.config import load_config
+
+    cfg = load_config({"model": {"path": "/m"}, "data": {"train": "/d.jsonl"}})
+    monkeypatch.setattr(type(cfg.storage), "worker_env", lambda self: {"WANDB_API_KEY": "x"})
+    with pytest.raises(submit.SubmitError, match="WANDB_API_KEY"):
+        submit.build_runtime_env(cfg)
 
 
 def test_auth_header_precedence(monkeypatch, tmp_path):

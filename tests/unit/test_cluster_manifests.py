@@ -2,8 +2,8 @@
 YAML and the Dockerfile.
 
 * Every ray.io document under cluster/kuberay/ is validated against the KubeRay
-  CRD of its kind and version (../shared/schemas/kuberay/, next to the repository),
-  in strict mode: an unknown field is an error, as with `kubectl apply
+  CRD of its kind and version (cluster/kuberay/crds/, vendored with their source and
+  version in SOURCE.md, so the test runs from a bare clone), in strict mode: an unknown field is an error, as with `kubectl apply
   --validate=strict`, instead of being pruned silently by the API server.
 * cluster/aws/*.yaml is validated against Ray's own ray-schema.json and, merged
   with Ray's AWS defaults, by Ray's validate_config.
@@ -11,6 +11,12 @@ YAML and the Dockerfile.
   on spot and scale from zero, no secrets inline, non-root containers, grace period
   longer than Ray's drain) are checked by functions that return a list of problems;
   negative tests feed them broken copies, so no check passes vacuously.
+* Security, statically: a NetworkPolicy isolates each KubeRay deployment and lists every
+  port it admits; images are pinned by tag or digest (``name:tag@sha256:...``); the
+  image's dependencies come from a hashed lock file; the AWS launcher uses its own
+  least-privilege instance profiles (cluster/aws/iam.cfn.json), IMDSv2 and a security
+  group with SSH from one CIDR. These say what the files declare, not that a cluster
+  enforces it (a NetworkPolicy needs a CNI that implements it).
 
 Run: python -m pytest -q tests/unit/test_cluster_manifests.py
 """
@@ -28,7 +34,7 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_SCHEMA_DIR = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMA_DIR = REPO_ROOT / "cluster" / "kuberay" / "crds"
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 AWS_DIR = REPO_ROOT / "cluster" / "aws"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -87,14 +93,14 @@ def _strict(schema: dict) -> dict:
 
 @functools.cache
 def _crd_schemas() -> dict[tuple[str, str], dict]:
-    """{(apiVersion, kind): strict openAPIV3Schema} for every CRD in the shared dir."""
+    """{(apiVersion, kind): strict openAPIV3Schema} for every vendored CRD."""
     crd_files = sorted(KUBERAY_SCHEMA_DIR.glob("*.yaml")) if KUBERAY_SCHEMA_DIR.is_dir() else []
     if not crd_files:
         pytest.fail(
-            f"KubeRay CRD schemas not found in {KUBERAY_SCHEMA_DIR}. They are test data kept "
-            "outside the repository (ray.io_rayclusters.yaml, ray.io_rayjobs.yaml from "
-            "ray-project/kuberay ray-operator/config/crd/bases/); check out the shared/ "
-            "directory next to the repository. The manifests cannot be validated without them.",
+            f"KubeRay CRD schemas not found in {KUBERAY_SCHEMA_DIR}. They are vendored test data "
+            "(ray.io_rayclusters.yaml, ray.io_rayjobs.yaml from ray-project/kuberay "
+            "ray-operator/config/crd/bases/, see SOURCE.md there); restore them from git. "
+            "The manifests cannot be validated without them.",
             pytrace=False,
         )
     schemas = {}
@@ -316,6 +322,96 @@ def secret_problems(doc) -> list[str]:
     return problems
 
 
+OMNI_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
+RAY_INTERNAL = {"protocol": "TCP", "port": 1024, "endPort": 65535}
+
+
+def _pod_labels(doc: dict) -> list[tuple[str, dict]]:
+    """(where, labels) of every pod template in a RayCluster / RayJob."""
+    out = []
+    spec = _cluster_spec(doc)
+    if spec:
+        out.append(("headGroupSpec", spec["headGroupSpec"]["template"].get("metadata", {}).get("labels", {})))
+        for i, group in enumerate(spec.get("workerGroupSpecs", [])):
+            out.append((f"workerGroupSpecs[{i}]", group["template"].get("metadata", {}).get("labels", {})))
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        out.append(("submitterPodTemplate", doc["spec"]["submitterPodTemplate"].get("metadata", {}).get("labels", {})))
+    return out
+
+
+def _rule_problems(where: str, rules: list, peer_key: str) -> list[str]:
+    problems = []
+    for i, rule in enumerate(rules):
+        if not rule.get("ports"):
+            problems.append(f"{where}[{i}] admits every port; list the ports it needs")
+        if not rule.get(peer_key):
+            problems.append(f"{where}[{i}] admits every peer; name them ({peer_key})")
+        for peer in rule.get(peer_key, []):
+            block = peer.get("ipBlock")
+            if block and peer_key == "from":
+                problems.append(f"{where}[{i}] admits addresses ({block.get('cidr')}); only pods may connect")
+            if block and block.get("cidr") == "0.0.0.0/0":
+                ports = {p.get("port") for p in rule.get("ports", [])}
+                if ports != {443} or "169.254.169.254/32" not in block.get("except", []):
+                    problems.append(f"{where}[{i}]: egress to 0.0.0.0/0 only on 443 and never to 169.254.169.254")
+    return problems
+
+
+def network_policy_problems(docs: list[dict]) -> list[str]:
+    """Every Ray pod of a file is selected by a NetworkPolicy of that file that isolates it
+    both ways and lists each admitted port: its own pods on Ray's ports, the KubeRay
+    operator on the dashboard (8265), DNS and HTTPS out; nothing open to other pods."""
+    ray_docs = [d for d in docs if str(d.get("apiVersion", "")).startswith("ray.io/")]
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if ray_docs and not policies:
+        return ["no NetworkPolicy: every pod in the Kubernetes cluster could reach GCS and the job API"]
+    problems = []
+    for doc in ray_docs:
+        for where, labels in _pod_labels(doc):
+            if not all(labels.get(k) for k in OMNI_LABELS):
+                problems.append(f"{doc['kind']}.{where}: pod labels must set {OMNI_LABELS}")
+                continue
+            selecting = [p for p in policies
+                         if p["spec"].get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+                         and p["spec"].get("podSelector", {}).get("matchLabels")]
+            if not selecting:
+                problems.append(f"{doc['kind']}.{where}: no NetworkPolicy selects its pods")
+    for policy in policies:
+        spec, name = policy["spec"], policy["metadata"]["name"]
+        if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+            problems.append(f"NetworkPolicy {name}: policyTypes must be [Ingress, Egress]")
+        problems += _rule_problems(f"NetworkPolicy {name}.ingress", spec.get("ingress", []), "from")
+        problems += _rule_problems(f"NetworkPolicy {name}.egress", spec.get("egress", []), "to")
+        ingress_ports = [p for r in spec.get("ingress", []) for p in r.get("ports", [])]
+        egress_ports = [p for r in spec.get("egress", []) for p in r.get("ports", [])]
+        for needed, where, listed in ((RAY_INTERNAL, "ingress", ingress_ports), ({"protocol": "TCP", "port": 8265},
+                                      "ingress", ingress_ports), (RAY_INTERNAL, "egress", egress_ports),
+                                      ({"protocol": "UDP", "port": 53}, "egress", egress_ports),
+                                      ({"protocol": "TCP", "port": 443}, "egress", egress_ports)):
+            if needed not in listed:
+                problems.append(f"NetworkPolicy {name}: {where} does not list {needed}")
+        if any(p.get("port") == 10001 for p in ingress_ports):
+            problems.append(f"NetworkPolicy {name}: the Ray client port 10001 is not needed; do not admit it")
+    return problems
+
+
+def image_problems(image: str) -> list[str]:
+    """An image is pinned by a version tag, a digest, or both (``name:tag@sha256:<64 hex>``)."""
+    name, _, digest = image.partition("@")
+    if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return [f"{image!r}: the digest must be sha256:<64 hex digits>"]
+    repo, colon, tag = name.rpartition(":")
+    if not colon or "/" in tag:  # no tag (a colon before a "/" is a registry port)
+        repo, tag = name, ""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*", repo) or (tag and not re.fullmatch(r"[\w][\w.-]{0,127}", tag)):
+        return [f"{image!r} is not an image reference (name:tag or name[:tag]@sha256:<digest>)"]
+    if not tag and not digest:
+        return [f"{image!r} has neither tag nor digest: it means :latest, which changes under you"]
+    if tag == "latest" and not digest:
+        return [f"{image!r}: :latest is not a version; use a version tag or @sha256:<digest>"]
+    return []
+
+
 def rayjob_problems(doc: dict) -> list[str]:
     """A RayJob cleans up after itself and resubmits when its cluster is lost."""
     if doc["kind"] != "RayJob":
@@ -414,9 +510,62 @@ def launcher_policy_problems(config: dict) -> list[str]:
             problems.append(f"{name}.min_workers must be 0 (scale from zero)")
         if t.get("max_workers", 0) < 1:
             problems.append(f"{name}.max_workers must be >= 1")
+    for name, t in types.items():
+        node = t.get("node_config", {})
+        profile = node.get("IamInstanceProfile", {}).get("Name") or node.get("IamInstanceProfile", {}).get("Arn")
+        if not profile or "ray-autoscaler" in str(profile):
+            problems.append(f"{name}: set its own least-privilege IamInstanceProfile (Ray's default "
+                            "ray-autoscaler-v1 has EC2 and S3 full access)")
+        if node.get("MetadataOptions", {}).get("HttpTokens") != "required":
+            problems.append(f"{name}: IMDSv2 must be required (node_config.MetadataOptions.HttpTokens: required)")
+        if not node.get("SecurityGroupIds"):
+            problems.append(f"{name}: name its SecurityGroupIds; the group Ray creates opens SSH to 0.0.0.0/0")
+    for rule in config.get("provider", {}).get("security_group", {}).get("IpPermissions", []):
+        if rule.get("FromPort", 0) <= 22 <= rule.get("ToPort", 65535) and any(
+                r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])):
+            problems.append("provider.security_group opens SSH to 0.0.0.0/0")
     commands = " ".join(config.get("head_start_ray_commands", []))
     if "--dashboard-host=0.0.0.0" in commands:
         problems.append("head dashboard bound to 0.0.0.0; keep it on loopback and use `ray dashboard`")
+    return problems
+
+
+def _statements(cfn: dict) -> list[tuple[str, dict]]:
+    out = []
+    for name, res in cfn["Resources"].items():
+        doc = res.get("Properties", {}).get("PolicyDocument")
+        if isinstance(doc, dict):
+            out += [(name, st) for st in doc.get("Statement", [])]
+    return out
+
+
+def iam_template_problems(cfn: dict) -> list[str]:
+    """cluster/aws/iam.cfn.json grants only what the cluster needs."""
+    problems = []
+    ssh = cfn["Parameters"].get("SshCidr", {})
+    if "Default" in ssh:
+        problems.append("SshCidr must have no default: the user states who may SSH in")
+    pattern = ssh.get("AllowedPattern", "")
+    if not pattern or re.fullmatch(pattern, "0.0.0.0/0") or not re.fullmatch(pattern, "203.0.113.7/32"):
+        problems.append("SshCidr's AllowedPattern must refuse 0.0.0.0/0 and accept a single address")
+    for name, res in cfn["Resources"].items():
+        for rule in res.get("Properties", {}).get("SecurityGroupIngress", []):
+            if rule.get("FromPort") == 22 and rule.get("CidrIp") != {"Ref": "SshCidr"}:
+                problems.append(f"{name}: SSH must come from SshCidr only")
+            if rule.get("CidrIp") == "0.0.0.0/0":
+                problems.append(f"{name}: ingress from 0.0.0.0/0")
+    for name, st in _statements(cfn):
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        if any(a == "*" or a.endswith(":*") for a in actions):
+            problems.append(f"{name}/{st.get('Sid')}: wildcard action {actions}")
+        if any(a.startswith("s3:") for a in actions):
+            resources = json.dumps(st["Resource"])
+            if st["Resource"] == "*" or "${RunBucket}" not in resources and "${DataBucket}" not in resources:
+                problems.append(f"{name}/{st.get('Sid')}: S3 access beyond the run's buckets ({resources})")
+        if "iam:PassRole" in actions and st["Resource"] == "*":
+            problems.append(f"{name}/{st.get('Sid')}: iam:PassRole on every role")
+        if "ec2:TerminateInstances" in actions and "Condition" not in st:
+            problems.append(f"{name}/{st.get('Sid')}: TerminateInstances on any instance, not only this cluster's")
     return problems
 
 
@@ -502,7 +651,7 @@ def test_kuberay_manifest_matches_crd(path):
 
 @pytest.mark.parametrize("path", KUBERAY_FILES, ids=_ids(KUBERAY_FILES))
 def test_kuberay_manifest_policies(path):
-    problems = []
+    problems = network_policy_problems(_documents(path))
     for doc in _documents(path):
         problems += secret_problems(doc)
         if str(doc.get("apiVersion", "")).startswith("ray.io/"):
@@ -550,6 +699,96 @@ def test_all_deployments_use_one_image_and_the_pinned_ray():
     for path in AWS_FILES:
         images.add(yaml.safe_load(path.read_text())["docker"]["image"])
     assert len(images) == 1, f"manifests use different images: {images}"
+    assert not [p for image in images for p in image_problems(image)]
+
+
+@pytest.mark.parametrize("image, ok", [
+    ("ghcr.io/omni-ray/omni-ray:0.1.0", True),
+    ("ghcr.io/omni-ray/omni-ray:0.1.0@sha256:" + "a" * 64, True),
+    ("ghcr.io/omni-ray/omni-ray@sha256:" + "0123456789abcdef" * 4, True),
+    ("registry.example:5000/omni-ray:0.1.0", True),
+    ("ghcr.io/omni-ray/omni-ray", False),
+    ("ghcr.io/omni-ray/omni-ray:latest", False),
+    ("ghcr.io/omni-ray/omni-ray@sha256:abc", False),
+])
+def test_image_references_by_tag_or_digest(image, ok):
+    assert (image_problems(image) == []) is ok, image_problems(image)
+
+
+def test_image_dependencies_are_locked_with_hashes():
+    from packaging.requirements import Requirement
+
+    lock_text = (REPO_ROOT / "requirements.lock").read_text()
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\\n]+)", lock_text, flags=re.M))
+    pinned = {name.lower().replace("_", "-"): version for name, version in pinned.items()}
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", lock_text.split("\n", 6)[-1])
+    unhashed = [b.split()[0] for b in blocks if b.strip() and not b.startswith("#") and "--hash=sha256:" not in b]
+    assert not unhashed, f"lock entries without hashes: {unhashed}"
+    import tomllib
+
+    for dep in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = req.name.lower().replace("_", "-")
+        assert name in pinned, f"{name} (pyproject.toml) is not in requirements.lock; regenerate it"
+        assert req.specifier.contains(pinned[name]), f"{name}=={pinned[name]} is outside {req.specifier}"
+    instructions = _dockerfile_instructions(DOCKERFILE.read_text())
+    runs = " ".join(rest for i, rest in instructions if i == "RUN")
+    assert "--require-hashes" in runs and "-r requirements.lock" in runs, "the Dockerfile must install the lock"
+    assert any(i == "COPY" and "requirements.lock" in rest for i, rest in instructions)
+
+
+def test_aws_iam_template_is_least_privilege():
+    cfn = json.loads((AWS_DIR / "iam.cfn.json").read_text())
+    assert iam_template_problems(cfn) == []
+    launcher = yaml.safe_load(AWS_FILES[0].read_text())
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in launcher["available_node_types"].values()}
+    defined = {r["Properties"]["InstanceProfileName"] for r in cfn["Resources"].values()
+               if r["Type"] == "AWS::IAM::InstanceProfile"}
+    assert profiles <= defined, f"the launcher uses profiles {profiles - defined} that iam.cfn.json does not create"
+
+
+def test_security_checks_catch_open_manifests():
+    cfn = json.loads((AWS_DIR / "iam.cfn.json").read_text())
+    cfn["Parameters"]["SshCidr"]["AllowedPattern"] = ".*"
+    cfn["Parameters"]["SshCidr"]["Default"] = "0.0.0.0/0"
+    statements = cfn["Resources"]["WorkerS3Policy"]["Properties"]["PolicyDocument"]["Statement"]
+    statements.append({"Effect": "Allow", "Action": "s3:*", "Resource": "*"})
+    autoscaler = cfn["Resources"]["HeadAutoscalerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    for st in autoscaler:
+        if "iam:PassRole" in st["Action"]:
+            st["Resource"] = "*"
+        st.pop("Condition", None)
+    problems = "\n".join(iam_template_problems(cfn))
+    for expected in ("no default", "AllowedPattern", "wildcard action", "beyond the run's buckets",
+                     "PassRole on every role", "TerminateInstances on any instance"):
+        assert expected in problems, f"missed {expected!r}:\n{problems}"
+
+    launcher = yaml.safe_load(AWS_FILES[0].read_text())
+    for t in launcher["available_node_types"].values():
+        t["node_config"].pop("MetadataOptions")
+        t["node_config"].pop("SecurityGroupIds")
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    head["node_config"]["IamInstanceProfile"] = {"Name": "ray-autoscaler-v1"}
+    launcher["provider"]["security_group"] = {"GroupName": "x", "IpPermissions": [
+        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+    problems = "\n".join(launcher_policy_problems(launcher))
+    for expected in ("IMDSv2", "SecurityGroupIds", "least-privilege IamInstanceProfile", "opens SSH to 0.0.0.0/0"):
+        assert expected in problems, f"missed {expected!r}:\n{problems}"
+
+    docs = _documents(KUBERAY_FILES[0])
+    assert network_policy_problems([d for d in docs if d.get("kind") != "NetworkPolicy"]) == [
+        "no NetworkPolicy: every pod in the Kubernetes cluster could reach GCS and the job API"]
+    policy = next(d for d in docs if d.get("kind") == "NetworkPolicy")
+    policy["spec"]["policyTypes"] = ["Ingress"]
+    policy["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    policy["spec"]["ingress"].append({"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 10001}]})
+    policy["spec"]["egress"] = [r for r in policy["spec"]["egress"] if "ipBlock" not in json.dumps(r)]
+    ray_doc = next(d for d in docs if str(d.get("apiVersion", "")).startswith("ray.io/"))
+    _cluster_spec(ray_doc)["headGroupSpec"]["template"]["metadata"]["labels"] = {}
+    problems = "\n".join(network_policy_problems(docs))
+    for expected in ("policyTypes", "admits every port", "admits addresses", "10001", "does not list {'protocol': "
+                     "'TCP', 'port': 443}", "headGroupSpec: pod labels"):
+        assert expected in problems, f"missed {expected!r}:\n{problems}"
 
 
 def test_dockerfile_base_user_and_install():
