@@ -17,7 +17,7 @@ puts into that bucket, on the session's real ``moto_server`` (the ``s3`` fixture
   holding only safetensors *headers* with the real 2.6 names and shapes. No job uses it any
   more: validate refuses it by name (its code targets transformers 4.4x) before reading more.
 
-Run: python -m pytest -q tests/unit/test_jobs_configs.py
+Run: python -m pytest -q tests/dist/test_jobs_configs.py
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import struct
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.dist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MINICPMV46_CONFIG = REPO_ROOT / "omni_ray/models/reference/MiniCPM-V-4_6/config.json"
