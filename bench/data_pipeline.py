@@ -63,7 +63,9 @@ def pipeline_rate(cfg, source: str) -> tuple[float, list[dict]]:
     rows = ds.take_all()
     seconds = time.perf_counter() - start
     ray.shutdown()
-    return len(rows) / seconds / cfg.data.num_cpus_per_preprocess_task, rows
+    # One actor is one process on at most one core, whatever logical CPUs it reserves in Ray
+    # (data.num_cpus_per_preprocess_task is fractional by default): the rate is per core.
+    return len(rows) / seconds, rows
 
 
 def training_rate(cfg, rows: list[dict], steps: int) -> float:

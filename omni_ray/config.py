@@ -11,6 +11,8 @@ sections, so its users can bring their scripts' settings unchanged.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +146,10 @@ class LoraConfig(Section):
         description="Module names (suffixes like q_proj) or one regex over full module names; "
         "default: the architecture's targets.",
     )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Biases that train beside the adapters (peft's meaning): none, all of the model's, "
+        "or those of the adapted modules."
+    )
     dora: bool = False
     rslora: bool = False
     qlora: bool = Field(
@@ -222,7 +228,16 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(
         256, ge=1, description="Rows in each worker's shuffle buffer; the order is a function of train.seed and the epoch."
     )
-    num_cpus_per_preprocess_task: float = Field(1.0, gt=0)
+    num_cpus_per_preprocess_task: float = Field(
+        0.5, gt=0, description="Logical CPUs each preprocessing actor reserves; fractional so a small machine "
+        "fits its training workers and several actors."
+    )
+    preprocess_actors_per_worker: float = Field(
+        1.0, gt=0, description="Preprocessing actors kept per training worker: the pool's lower bound."
+    )
+    preprocess_max_actors_per_worker: float = Field(
+        2.0, gt=0, description="The pool grows under load (Ray Data autoscaling) up to this many per training worker."
+    )
 
     @field_validator("train")
     @classmethod
@@ -245,6 +260,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay (MiniCPM-V's scripts: 0.95).")
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -263,6 +280,11 @@ class EvalConfig(Section):
     num_samples: int = Field(4, ge=0, description="Eval prompts (the first N of data.eval) answered by the model.")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per answer (greedy decoding).")
     batch_size: int | None = Field(None, ge=1, description="Eval samples per forward pass; default: train.micro_batch_size.")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """AdamW's (beta1, beta2)."""
+        return (self.adam_beta1, self.adam_beta2)
 
 
 # DeepSpeed's top-level config keys (https://www.deepspeed.ai/docs/config-json/ and
@@ -330,6 +352,10 @@ class ScalingConfig(Section):
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Announced node preemptions (spot reclaims with a notice) to recover from; -1: unlimited."
     )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one worker's GPU; `omni-ray validate` warns when its estimate is above "
+        "it. Default: the GPU detected on the machine that runs validate."
+    )
     gpu_wait_timeout_s: float = Field(
         900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
         "failing with a named error instead of waiting silently.",
@@ -348,17 +374,101 @@ class RunConfig(Section):
     )
 
 
-MINICPMV_FLAGS = (
-    "tune_vision",
-    "tune_llm",
-    "use_lora",
-    "lora_target_modules",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "model_max_length",
-    "max_slice_nums",
-)
+# --- MiniCPM-V's own finetune flags ------------------------------------------------------------
+#
+# MiniCPM-V's finetune/finetune.py (OpenBMB/MiniCPM-V) is driven by finetune_ds.sh (full) and
+# finetune_lora.sh (LoRA). Their flags may sit at the top level of a config, spelled and valued
+# as the scripts write them, and mean what finetune.py makes them mean:
+#
+#   tune_vision (default true)   the vision tower (vpm) trains in full, else it is frozen
+#   tune_llm    (default true)   the whole LLM trains, its embeddings and lm_head included
+#   use_lora                     LoRA on the LLM (lora_target_modules), and embed_tokens trains
+#                                in full (finetune.py sets its requires_grad after get_peft_model);
+#                                finetune.py refuses use_lora with tune_llm true: we do too when
+#                                both are given, and read use_lora alone as tune_llm false
+#   the resampler (here: projector) always trains in finetune.py: freeze.projector keeps its
+#   default (full) unless the config's own freeze section says otherwise.
+#   These defaults apply when any of the three flags is given; other flags alone leave the
+#   config's freeze map as it is.
+#   lora_modules_to_save: finetune.py declares it but never hands it to peft; here it has
+#   peft's meaning (those modules train in full beside the adapters), as a freeze override.
+#   lora_bias: peft's meaning (lora.bias): none, all biases, or those of adapted modules train.
+#
+# Flags that set one key here: _FLAG_KEYS. Flags handled together (precision, schedule, the freeze
+# map): map_minicpmv_flags. Flags of the scripts that steer Hugging Face Trainer plumbing with no
+# counterpart here are accepted, type-checked and documented in _FLAG_ACCEPTED.
+
+_FLAG_KEYS: dict[str, tuple[type, str]] = {
+    "model_name_or_path": (str, "model.path"),
+    "data_path": (str, "data.train"),
+    "eval_data_path": (str, "data.eval"),
+    "model_max_length": (int, "data.model_max_length"),
+    "max_slice_nums": (int, "model.max_slice_nums"),
+    # The image processor's slice size (MiniCPM-V 2.x slice_config.scale_resolution).
+    "scale_resolution": (int, "model.processor.scale_resolution"),
+    "lora_r": (int, "lora.r"),
+    "lora_alpha": (int, "lora.alpha"),
+    "lora_dropout": (float, "lora.dropout"),
+    # One regex, full match over module names (peft's meaning of a string target_modules).
+    "lora_target_modules": (str, "lora.target_modules"),
+    "lora_bias": (str, "lora.bias"),
+    "q_lora": (bool, "lora.qlora"),
+    "learning_rate": (float, "train.lr"),
+    "max_steps": (int, "train.max_steps"),
+    "num_train_epochs": (int, "train.epochs"),
+    "per_device_train_batch_size": (int, "train.micro_batch_size"),
+    "gradient_accumulation_steps": (int, "train.grad_accum"),
+    "weight_decay": (float, "train.weight_decay"),
+    "warmup_steps": (int, "train.warmup_steps"),
+    "max_grad_norm": (float, "train.max_grad_norm"),
+    "adam_beta1": (float, "train.adam_beta1"),
+    "adam_beta2": (float, "train.adam_beta2"),
+    "gradient_checkpointing": (bool, "train.gradient_checkpointing"),
+    "seed": (int, "train.seed"),
+    "logging_steps": (int, "train.log_every"),
+    "save_steps": (int, "checkpoint.every_n_steps"),
+    "save_total_limit": (int, "checkpoint.keep"),
+    # Trainer's output_dir holds the checkpoints: here they go to run.storage_path/run.name.
+    "output_dir": (str, "run.storage_path"),
+}
+_FLAG_ACCEPTED: dict[str, tuple[type, str]] = {
+    "llm_type": (str, "picks finetune.py's chat template; here the checkpoint's own processor and chat template "
+                      "are used, whatever the LLM"),
+    "do_train": (bool, "omni-ray train always trains"),
+    "do_eval": (bool, "evaluation is `omni-ray eval` on data.eval"),
+    "eval_steps": (int, "evaluation is `omni-ray eval` on data.eval"),
+    "evaluation_strategy": (str, "evaluation is `omni-ray eval` on data.eval"),
+    "eval_strategy": (str, "evaluation is `omni-ray eval` on data.eval"),
+    "per_device_eval_batch_size": (int, "evaluation is `omni-ray eval` on data.eval"),
+    "prediction_loss_only": (bool, "evaluation is `omni-ray eval` on data.eval"),
+    "bf16_full_eval": (bool, "evaluation runs in the training precision"),
+    "fp16_full_eval": (bool, "evaluation runs in the training precision"),
+    "remove_unused_columns": (bool, "the processed columns are fixed here (input_ids, labels, pixels)"),
+    "label_names": (str, "labels are always the `labels` column"),
+    "logging_dir": (str, "metrics go to Ray Train's reports and the run's log"),
+    "logging_strategy": (str, "metrics are reported every train.log_every steps"),
+    "report_to": (str, "metrics go to Ray Train's reports and the run's log"),
+    "save_strategy": (str, "checkpoints are saved every checkpoint.every_n_steps steps and at the end"),
+}
+_FLAG_CHOICES = {
+    "llm_type": ("minicpm", "llama3", "qwen", "qwen2"),
+    "lora_bias": ("none", "all", "lora_only"),
+    "lr_scheduler_type": ("cosine",),
+    "evaluation_strategy": ("no", "steps", "epoch"),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "save_strategy": ("steps",),
+    "logging_strategy": ("steps",),
+}
+# Handled in map_minicpmv_flags, several keys at once.
+_FLAG_SPECIAL: dict[str, type] = {
+    "tune_vision": bool, "tune_llm": bool, "use_lora": bool, "bf16": bool, "fp16": bool,
+    "lora_modules_to_save": str, "deepspeed": str, "warmup_ratio": float, "lr_scheduler_type": str,
+}
+MINICPMV_FLAGS = tuple([*_FLAG_SPECIAL, *_FLAG_KEYS, *_FLAG_ACCEPTED])
+_log = logging.getLogger(__name__)
+# finetune.py's default LoRA targets (q/k/v of the LLM's self-attention), as suffixes so they
+# match MiniCPM-V 2.x's `llm.model.layers.N.self_attn.q_proj` and 4.x's `model.language_model...`.
+MINICPMV_DEFAULT_LORA_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 
 
 class Config(Section):
@@ -409,6 +519,39 @@ def frozen_group_problems(freeze: FreezeConfig, lora: LoraConfig) -> list[str]:
     return problems
 
 
+def flag_value(flag: str, value: Any, kind: type) -> Any:
+    """A flag's value as MiniCPM-V's shell scripts write it, checked and converted to ``kind``.
+
+    Booleans are true/false in any case, quoted or not (YAML reads a bare `true` as a bool and a
+    quoted "false" as a string: both are accepted, and a quoted "false" means false).
+    """
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"{flag}: {value!r} is not a boolean; write true or false")
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{flag}: {value!r} is not a string")
+        value = str(value)
+        choices = _FLAG_CHOICES.get(flag)
+        if choices and value not in choices:
+            raise ValueError(f"{flag}: {value!r} is not supported; use one of {list(choices)}")
+        return value
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if kind is int:
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _setdefault_path(raw: dict, dotted: str, value: Any, flag: str) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
@@ -432,37 +575,72 @@ def _set_mode(raw: dict, group: str, mode: str, flag: str) -> None:
         _setdefault_path(raw, f"freeze.{group}", mode, flag)
 
 
+def _map_freeze_flags(raw: dict, flags: dict) -> None:
+    """tune_vision / tune_llm / use_lora as finetune.py applies them (see the table above)."""
+    if not {"tune_vision", "tune_llm", "use_lora"} & set(flags):
+        return  # only the other flags are used: the freeze map is the config's own
+    use_lora = flags.get("use_lora", False)
+    if use_lora and flags.get("tune_llm"):
+        raise ValueError("tune_llm and use_lora are both true; MiniCPM-V's finetune.py trains the LLM either fully "
+                         "or with LoRA: set tune_llm: false with use_lora: true")
+    tune_llm = flags.get("tune_llm", not use_lora)
+    vision_flag = "tune_vision" if "tune_vision" in flags else "tune_vision (default true in finetune.py)"
+    _set_mode(raw, "vision", "full" if flags.get("tune_vision", True) else "frozen", vision_flag)
+    llm_flag = "use_lora" if use_lora else "tune_llm" if "tune_llm" in flags else "tune_llm (default true in finetune.py)"
+    _set_mode(raw, "llm", "lora" if use_lora else ("full" if tune_llm else "frozen"), llm_flag)
+    _set_mode(raw, "embeddings", "full" if (tune_llm or use_lora) else "frozen", llm_flag)
+    _set_mode(raw, "lm_head", "full" if tune_llm else "frozen", llm_flag)
+    if use_lora and "lora_target_modules" not in flags:
+        raw["lora"].setdefault("target_modules", list(MINICPMV_DEFAULT_LORA_TARGETS))
+    for name in filter(None, (m.strip() for m in flags.get("lora_modules_to_save", "").split(","))):
+        # peft's modules_to_save: the named modules train in full beside the adapters.
+        overrides = raw["freeze"].setdefault("overrides", [])
+        overrides.append({"pattern": rf"(^|\.){re.escape(name)}\.", "mode": "full"})
+
+
+def _map_train_flags(raw: dict, flags: dict) -> None:
+    """Precision, DeepSpeed config and LR schedule flags, which set several keys or need each other."""
+    if "bf16" in flags or "fp16" in flags:
+        if flags.get("bf16") and flags.get("fp16"):
+            raise ValueError("bf16 and fp16 are both true; set one of them")
+        precision = "bf16" if flags.get("bf16") else "fp16" if flags.get("fp16") else "fp32"
+        _setdefault_path(raw, "train.precision", precision, "bf16" if "bf16" in flags else "fp16")
+    if "deepspeed" in flags:
+        stage = re.search(r"zero_?([0-9])", flags["deepspeed"])
+        if not stage or stage.group(1) not in ("2", "3"):
+            raise ValueError(f"deepspeed: cannot tell a ZeRO stage 2 or 3 from {flags['deepspeed']!r}; set "
+                             "strategy: {name: deepspeed, zero_stage: 2} (or 3) instead")
+        _setdefault_path(raw, "strategy.name", "deepspeed", "deepspeed")
+        _setdefault_path(raw, "strategy.zero_stage", int(stage.group(1)), "deepspeed")
+    if "warmup_ratio" in flags:
+        max_steps = raw["train"].get("max_steps")
+        if not isinstance(max_steps, int):
+            raise ValueError("warmup_ratio: needs max_steps to turn the ratio into steps; set max_steps, or "
+                             "train.warmup_steps instead")
+        _setdefault_path(raw, "train.warmup_steps", math.ceil(flags["warmup_ratio"] * max_steps), "warmup_ratio")
+
+
 def map_minicpmv_flags(raw: dict) -> dict:
     """Translate MiniCPM-V finetune flags into sections (pure; returns a new dict).
 
-    MiniCPM-V's finetune.py: ``--tune_vision`` trains the vision tower, ``--tune_llm`` the whole
-    LLM, ``--use_lora`` adds LoRA to the LLM (its resampler always trains; here it is the
-    ``projector`` group and keeps its own setting).
+    Each flag is checked against its type (booleans as the scripts write them) and mapped as
+    finetune.py uses it; an unusable value is an error naming the flag.
     """
-    raw = {k: v for k, v in raw.items()}
-    flags = {k: raw.pop(k) for k in MINICPMV_FLAGS if k in raw}
-    for section in ("freeze", "lora", "data", "model"):
+    raw = dict(raw)
+    kinds = {**_FLAG_SPECIAL, **{f: k for f, (k, _) in _FLAG_KEYS.items()},
+             **{f: k for f, (k, _) in _FLAG_ACCEPTED.items()}}
+    flags = {f: flag_value(f, raw.pop(f), kinds[f]) for f in MINICPMV_FLAGS if f in raw}
+    for section in ("freeze", "lora", "data", "model", "train", "strategy", "checkpoint", "run"):
         raw[section] = dict(raw.get(section) or {})
-    if "tune_vision" in flags:
-        _set_mode(raw, "vision", "full" if flags["tune_vision"] else "frozen", "tune_vision")
-    use_lora, tune_llm = flags.get("use_lora"), flags.get("tune_llm")
-    if use_lora and tune_llm:
-        raise ValueError("tune_llm and use_lora are both true; MiniCPM-V trains the LLM either fully or with LoRA")
-    if use_lora:
-        _set_mode(raw, "llm", "lora", "use_lora")
-    elif tune_llm is not None:
-        _set_mode(raw, "llm", "full" if tune_llm else "frozen", "tune_llm")
-    for flag, key in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+    raw["model"]["processor"] = dict(raw["model"].get("processor") or {})
+    for flag, (_, dotted) in _FLAG_KEYS.items():
         if flag in flags:
-            _setdefault_path(raw, f"lora.{key}", flags[flag], flag)
-    if "lora_target_modules" in flags:
-        _setdefault_path(raw, "lora.target_modules", flags["lora_target_modules"], "lora_target_modules")
-    if "model_max_length" in flags:
-        _setdefault_path(raw, "data.model_max_length", flags["model_max_length"], "model_max_length")
-    if "max_slice_nums" in flags:
-        _setdefault_path(raw, "model.max_slice_nums", flags["max_slice_nums"], "max_slice_nums")
+            _setdefault_path(raw, dotted, flags[flag], flag)
+    _map_freeze_flags(raw, flags)
+    _map_train_flags(raw, flags)
+    for flag in sorted(set(flags) & set(_FLAG_ACCEPTED)):
+        _log.info("%s=%r accepted: %s", flag, flags[flag], _FLAG_ACCEPTED[flag][1])
     return raw
-
 
 # --- loading -------------------------------------------------------------------------------
 

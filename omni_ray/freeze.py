@@ -83,6 +83,68 @@ def _target_matcher(targets: list[str] | str) -> callable:
     return lambda module: any(module == s or module.endswith("." + s) for s in suffixes)
 
 
+def _examples(names: Iterable[str], n: int = 4) -> str:
+    """A few names, spread over the list, so an error shows what a pattern was matched against."""
+    names = list(names)
+    picked = names if len(names) <= n else [names[i * (len(names) - 1) // (n - 1)] for i in range(n)]
+    return ", ".join(repr(x) for x in picked)
+
+
+def _layer_counts(named_shapes: list, spec: ModelSpec, freeze: FreezeConfig) -> dict[str, int]:
+    """Layers per group's layer list; checks every last_n_layers against them."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, _ in named_shapes:
+        for group in spec.layer_lists:
+            idx = spec.layer_index(group, name)
+            if idx is not None:
+                counts[group] = max(counts[group], idx + 1)
+    for group in GROUPS:
+        n = freeze.group(group).last_n_layers
+        if n is not None and group not in spec.layer_lists:
+            raise ConfigError(f"freeze.{group}.last_n_layers: {spec.name} has no layer list for {group}; "
+                              f"last_n_layers works for {sorted(spec.layer_lists)}")
+        if n is not None and n > counts[group]:
+            raise ConfigError(f"freeze.{group}.last_n_layers={n}, but {spec.name} has {counts[group]} "
+                              f"{group} layers; use at most {counts[group]}")
+    return counts
+
+
+def tied_lm_head(names: Iterable[str], spec: ModelSpec) -> tuple[str, str] | None:
+    """(lm_head weight, embedding weight) when the model ties them, i.e. stores one tensor for both.
+
+    ``named_parameters()`` lists a tied tensor once, under the input embedding's name (a
+    checkpoint's index does the same), so a spec whose lm_head has no parameter of its own while
+    its embedding matrix is present has a tied lm_head (MiniCPM-V 4.6, Gemma 3, Qwen2-VL-2B ...).
+    """
+    names = set(names)
+    heads, embeds = spec.groups.get("lm_head", ()), spec.groups.get("embeddings", ())
+    if not heads or not embeds or any(spec.group_of(n) == "lm_head" for n in names):
+        return None
+    owner = embeds[0] + ".weight"
+    return (heads[0] + ".weight", owner) if owner in names else None
+
+
+def _base_mode(name: str, shape: tuple, group: str, spec: ModelSpec, freeze: FreezeConfig,
+               counts: dict[str, int], tied: tuple[str, str] | None) -> tuple[str, str]:
+    """(mode, why) from the group's setting alone: before LoRA targets, biases and overrides."""
+    if group not in GROUPS:
+        return "frozen", "not in any group of " + spec.name
+    setting = freeze.group(group)
+    mode, why = setting.mode, group
+    if tied and name == tied[1]:
+        head = freeze.lm_head.mode
+        if head == "lora":
+            raise ConfigError(f"freeze.lm_head: {spec.name} ties lm_head to the input embeddings ({tied[1]}); "
+                              "LoRA cannot adapt a tied matrix here: use full (trains the shared matrix) or frozen")
+        if head == "full" and mode != "full":
+            return "full", f"lm_head: full ({tied[0]} is tied to this tensor)"
+    if setting.last_n_layers is not None and mode != "frozen":
+        idx = spec.layer_index(group, name)
+        if idx is None or idx < counts[group] - setting.last_n_layers:
+            return "frozen", f"{group}: outside last {setting.last_n_layers} layers"
+    return mode, why
+
+
 def plan_freeze(
     named_shapes: Iterable[tuple[str, tuple[int, ...]]],
     spec: ModelSpec,
@@ -91,69 +153,92 @@ def plan_freeze(
     base_lr: float,
 ) -> FreezePlan:
     """Decide, per parameter, its group, mode and learning rate. Pure: names and shapes in."""
-    named_shapes = list(named_shapes)
-    layer_counts: dict[str, int] = defaultdict(int)
-    for name, _ in named_shapes:
-        for group in spec.layer_lists:
-            idx = spec.layer_index(group, name)
-            if idx is not None:
-                layer_counts[group] = max(layer_counts[group], idx + 1)
-
-    for group in GROUPS:
-        n = freeze.group(group).last_n_layers
-        if n is not None and group not in spec.layer_lists:
-            raise ConfigError(f"freeze.{group}.last_n_layers: {spec.name} has no layer list for {group}; "
-                              f"last_n_layers works for {sorted(spec.layer_lists)}")
-        if n is not None and n > layer_counts[group]:
-            raise ConfigError(f"freeze.{group}.last_n_layers={n}, but {spec.name} has {layer_counts[group]} "
-                              f"{group} layers; use at most {layer_counts[group]}")
-
+    named_shapes = [(n, tuple(s)) for n, s in named_shapes]
+    counts = _layer_counts(named_shapes, spec, freeze)
+    tied = tied_lm_head((n for n, _ in named_shapes), spec)
     default_targets = sorted({t for ts in spec.lora_targets.values() for t in ts})
     is_target = _target_matcher(lora.target_modules if lora.target_modules is not None else default_targets)
     overrides = [(re.compile(o.pattern), o.mode, o.pattern) for o in freeze.overrides]
+    override_hits = [0] * len(overrides)
 
     params: list[ParamPlan] = []
     lora_modules: list[str] = []
-    lora_numel: dict[str, int] = defaultdict(int)
     ignored_targets: set[str] = set()
     for name, shape in named_shapes:
         group = spec.group_of(name) or "other"
-        numel = 1
-        for d in shape:
-            numel *= d
-        setting = freeze.group(group) if group in GROUPS else None
-        mode, why = ("frozen", "not in any group of " + spec.name) if setting is None else (setting.mode, group)
-        if setting is not None and setting.last_n_layers is not None and mode != "frozen":
-            idx = spec.layer_index(group, name)
-            first_trained = layer_counts[group] - setting.last_n_layers
-            if idx is None or idx < first_trained:
-                mode, why = "frozen", f"{group}: outside last {setting.last_n_layers} layers"
+        mode, why = _base_mode(name, shape, group, spec, freeze, counts, tied)
         module, _, leaf = name.rpartition(".")
+        linear_target = leaf == "weight" and len(shape) == 2 and is_target(module)
         if mode == "lora":
-            adapted = leaf == "weight" and len(shape) == 2 and is_target(module)
-            mode, why = ("lora", f"{group}: lora") if adapted else ("frozen", f"{group}: lora base")
-        elif leaf == "weight" and len(shape) == 2 and is_target(module) and lora.target_modules is not None:
+            mode, why = ("lora", f"{group}: lora") if linear_target else ("frozen", f"{group}: lora base")
+        elif linear_target and lora.target_modules is not None:
             ignored_targets.add(group)
-        for pattern, override_mode, text in overrides:
+        for i, (pattern, override_mode, text) in enumerate(overrides):
             if pattern.search(name):
                 mode, why = override_mode, f"override {text!r} -> {override_mode}"
-        lr = freeze.lr.get(group, base_lr)
-        params.append(ParamPlan(name, group, mode, numel, lr, why))
+                override_hits[i] += 1
+        params.append(ParamPlan(name, group, mode, _numel(shape), freeze.lr.get(group, base_lr), why))
         if mode == "lora":
             lora_modules.append(module)
-            r = lora.per_group.get(group, {}).get("r", lora.r)
-            lora_numel[group] += r * (shape[0] + shape[1]) + (shape[0] if lora.dora else 0)
+    params = _train_biases(params, set(lora_modules), lora.bias)
+    _check_matches(named_shapes, params, spec, freeze, lora, override_hits)
+    shapes = dict(named_shapes)
+    lora_numel: dict[str, int] = defaultdict(int)
+    for p in params:
+        if p.mode == "lora":
+            r = lora.per_group.get(p.group, {}).get("r", lora.r)
+            rows, cols = shapes[p.name]
+            lora_numel[p.group] += r * (rows + cols) + (rows if lora.dora else 0)
+    rank_pattern, alpha_pattern = _lora_patterns(spec, lora, lora_modules)
+    return FreezePlan(tuple(params), tuple(lora_modules), dict(lora_numel), rank_pattern, alpha_pattern,
+                      _plan_notes(ignored_targets, tied, params))
 
-    for group in GROUPS:
-        if freeze.group(group).mode == "lora" and not any(p.group == group and p.mode == "lora" for p in params):
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _train_biases(params: list[ParamPlan], adapted: set[str], bias: str) -> list[ParamPlan]:
+    """lora.bias (peft's meaning): "all" trains every bias, "lora_only" those of adapted modules.
+
+    Applied after the overrides too, as peft marks biases trainable after everything else.
+    """
+    if bias == "none" or not adapted:
+        return params
+    out = []
+    for p in params:
+        module, _, leaf = p.name.rpartition(".")
+        if leaf == "bias" and p.mode != "full" and (bias == "all" or module in adapted):
+            p = ParamPlan(p.name, p.group, "full", p.numel, p.lr, f"lora.bias: {bias}")
+        out.append(p)
+    return out
+
+
+def _check_matches(named_shapes: list, params: list[ParamPlan], spec: ModelSpec, freeze: FreezeConfig,
+                   lora: LoraConfig, override_hits: list[int]) -> None:
+    """A LoRA target or an override that matches nothing is a mistake: say what it was matched against."""
+    for hits, override in zip(override_hits, freeze.overrides):
+        if not hits:
             raise ConfigError(
-                f"freeze.{group}: mode is lora but lora.target_modules matches no Linear module in {group}; "
-                f"{spec.name} targets {list(spec.lora_targets.get(group, ()))} there by default"
-            )
-    notes = tuple(
-        f"lora.target_modules also matches modules in {g}, which is not in lora mode; they are not adapted"
-        for g in sorted(ignored_targets)
-    )
+                f"freeze.overrides: pattern {override.pattern!r} matches no parameter of {spec.name}; it is "
+                f"searched in parameter names such as {_examples(n for n, _ in named_shapes)}")
+    for group in GROUPS:
+        if freeze.group(group).mode != "lora" or any(p.group == group and p.mode == "lora" for p in params):
+            continue
+        linear = [n.rpartition(".")[0] for n, s in named_shapes
+                  if n.endswith(".weight") and len(s) == 2 and spec.group_of(n) == group]
+        targets = lora.target_modules if lora.target_modules is not None else "the default targets"
+        raise ConfigError(
+            f"freeze.{group}: mode is lora but lora.target_modules ({targets!r}) matches no Linear module in "
+            f"{group} of {spec.name}; a regex must match a whole module name, a list entry a name's tail. "
+            f"{group}'s Linear modules are named like {_examples(linear) or '(none)'}; {spec.name} targets "
+            f"{list(spec.lora_targets.get(group, ()))} there by default")
+
+
+def _lora_patterns(spec: ModelSpec, lora: LoraConfig, lora_modules: list[str]) -> tuple[dict, dict]:
     rank_pattern, alpha_pattern = {}, {}
     for group, settings in lora.per_group.items():
         for module in lora_modules:
@@ -163,7 +248,17 @@ def plan_freeze(
                     rank_pattern[key] = settings["r"]
                 if "alpha" in settings:
                     alpha_pattern[key] = settings["alpha"]
-    return FreezePlan(tuple(params), tuple(lora_modules), dict(lora_numel), rank_pattern, alpha_pattern, notes)
+    return rank_pattern, alpha_pattern
+
+
+def _plan_notes(ignored_targets: set[str], tied: tuple[str, str] | None, params: list[ParamPlan]) -> tuple[str, ...]:
+    notes = [f"lora.target_modules also matches modules in {g}, which is not in lora mode; they are not adapted"
+             for g in sorted(ignored_targets)]
+    if tied:
+        mode = next(p.mode for p in params if p.name == tied[1])
+        notes.append(f"lm_head is tied to the input embeddings: {tied[0]} and {tied[1]} are one tensor "
+                     f"(counted under embeddings), so the output projection is {mode} with it")
+    return tuple(notes)
 
 
 def format_plan(plan: FreezePlan) -> str:

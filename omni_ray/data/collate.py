@@ -16,7 +16,19 @@ import torch
 
 from omni_ray.data.conversation import IGNORE_INDEX
 
-PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
+PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0,
+              "token_type_ids": 0}
+
+
+def _concat_padded(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    """Concatenate along ``dim``, zero-padding the other dims to the largest (LLaVA-OneVision's
+    anyres tiles per image differ from sample to sample; the model slices each image's real ones)."""
+    shape = np.max([p.shape for p in parts], axis=0)
+    padded = []
+    for p in parts:
+        widths = [(0, 0 if d == dim % p.ndim else int(shape[d]) - p.shape[d]) for d in range(p.ndim)]
+        padded.append(np.pad(p, widths) if any(w for _, w in widths) else p)
+    return np.concatenate(padded, axis=dim)
 
 
 def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
@@ -39,7 +51,7 @@ def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int
     for key, dim in image_inputs.items():
         parts = [s[key] for s in samples if key in s and _has_vision(s)]
         if parts:
-            batch[key] = torch.from_numpy(np.concatenate(parts, axis=dim))
+            batch[key] = torch.from_numpy(_concat_padded(parts, dim))
     batch["num_label_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
     batch["keep_alive"] = torch.tensor(int(needs_keep_alive))
     return batch

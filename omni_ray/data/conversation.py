@@ -73,6 +73,11 @@ def _rounds(messages: list[dict]) -> list[int]:
     return [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
+def _first_row(value) -> list:
+    """Row 0 of a batched processor output that may be absent, a list, or an (empty) numpy array."""
+    return list(value[0]) if value is not None and len(value) else []
+
+
 def _count(messages: list[dict], placeholder: str) -> int:
     return sum(m["content"].count(placeholder) for m in messages)
 
@@ -158,7 +163,7 @@ class SampleProcessor:
         out = self.processor(**self._processor_kwargs(text, images, videos))
         # Shift assistant spans from the template text into the placeholder-expanded text.
         shifts = [(r["span"][1], (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
-                  for r in (out.get("text_replacement_offsets") or [[]])[0]]
+                  for r in _first_row(out.get("text_replacement_offsets"))]
         expanded = [(s + sum(d for e, d in shifts if e <= s), t + sum(d for e, d in shifts if e <= t)) for s, t in spans]
         ids = np.asarray(out["input_ids"][0], dtype=np.int64)
         offsets = np.asarray(out["offset_mapping"][0])
@@ -171,8 +176,9 @@ class SampleProcessor:
         # An image inside a labelled turn is input, never something to predict.
         in_answer &= ~np.isin(ids, [t for t in (self.image_token_id, self.video_token_id) if t is not None])
         result = {"input_ids": ids, "labels": np.where(in_answer, ids, IGNORE_INDEX)}
-        if "mm_token_type_ids" in out:
-            result["mm_token_type_ids"] = np.asarray(out["mm_token_type_ids"][0], dtype=np.int64)
+        for key in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3 marks image tokens in token_type_ids
+            if key in out:
+                result[key] = np.asarray(out[key][0], dtype=np.int64)
         for key in self.image_inputs:
             if key in out and (images or videos):
                 result[key] = np.asarray(out[key])

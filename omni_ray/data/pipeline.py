@@ -100,6 +100,16 @@ def json_rows(uri: str, storage: StorageConfig | None, policy: Optional[InputPol
     return iter_rows([uri], storage, policy)
 
 
+def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
+    """(min, max) preprocessing actors for ``num_workers`` training workers.
+
+    One actor per cluster would feed a 64-GPU run from a single CPU process: the pool scales
+    with the training workers, and Ray Data's autoscaler grows it between the bounds.
+    """
+    low = max(1, round(num_workers * data.preprocess_actors_per_worker))
+    return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
+
+
 class JsonRowsDatasource(Datasource):
     """Annotation files into Ray Data: one read task streams rows in blocks of ``rows_per_block``.
 
@@ -182,9 +192,20 @@ def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig
     return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
 
 
+def _actor_pool(bounds: int | tuple[int, int]):
+    import ray.data
+
+    low, high = (bounds, bounds) if isinstance(bounds, int) else bounds
+    # Start at the lower bound: every training worker has an actor feeding it from the first step.
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
+
+
 def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
-                  *, concurrency: int = 1):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders)."""
+                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
+    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
+
+    ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
+    """
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -199,7 +220,7 @@ def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
                              data.max_image_bytes, data.read_timeout_s, data.video_fps, data.video_max_frames),
         batch_size=16,
-        concurrency=concurrency,
+        compute=_actor_pool(concurrency or preprocess_pool(data, num_workers)),
         num_cpus=data.num_cpus_per_preprocess_task,
         runtime_env={"env_vars": storage.worker_env()} if storage else None,
     )

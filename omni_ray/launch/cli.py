@@ -2,6 +2,7 @@
 
     omni-ray demo                                   tiny MiniCPM-V, 2 CPU workers, shows it learned
     omni-ray validate CONFIG [--set k=v ...]        config + freeze plan on a meta skeleton, no GPU
+    omni-ray validate CONFIG --memory               + per-worker memory estimate (~1 min on a CPU)
     omni-ray validate --list-archs | --schema       supported architectures; the config's JSON schema
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
@@ -32,6 +33,8 @@ def _config(args) -> Config:
 def cmd_validate(args) -> int:
     from omni_ray.freeze import format_plan
     from omni_ray.launch.driver import validate
+    from omni_ray.memory import layout_of, memory_report
+    from omni_ray.models.loading import read_hf_config
 
     if args.list_archs:
         from omni_ray.models.spec import all_specs
@@ -50,6 +53,11 @@ def cmd_validate(args) -> int:
     print(format_plan(result.plan))
     print(f"strategy: {cfg.strategy.name}" + (f" ZeRO-{cfg.strategy.zero_stage}" if cfg.strategy.name == "deepspeed" else "")
           + f", {cfg.scaling.num_workers} workers, precision {cfg.train.precision}")
+    if args.memory:
+        print("\n".join(memory_report(cfg.model, read_hf_config(cfg.model, cfg.storage), result.spec, result.plan, cfg.lora,
+                                     layout_of(cfg.model.dtype, cfg.train, cfg.strategy, cfg.scaling),
+                                     batch=cfg.train.micro_batch_size, seq_len=cfg.data.model_max_length,
+                                     gpu_memory_gb=cfg.scaling.gpu_memory_gb)))
     print("config ok")
     return 0
 
@@ -150,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     val = with_config(sub.add_parser("validate", help="check a config and print the freeze plan"), optional=True)
     val.add_argument("--list-archs", action="store_true", help="print the supported architectures and exit")
     val.add_argument("--schema", action="store_true", help="print the config's JSON schema and exit")
+    # Opt-in: the activation term runs the model's forward and backward on fake tensors, which
+    # takes about a minute for a 1-9B model on a CPU (no weights, no GPU).
+    val.add_argument("--memory", action="store_true",
+                     help="also estimate per-worker memory by component and warn above scaling.gpu_memory_gb")
     val.set_defaults(fn=cmd_validate)
     with_config(sub.add_parser("train", help="train under Ray Train")).set_defaults(fn=cmd_train)
 

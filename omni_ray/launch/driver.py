@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
+from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
@@ -77,7 +78,8 @@ def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:
     preprocessing actors and a Parquet read task. Sized exactly to workers and actors, Ray Data's
     read tasks never get a CPU and training from prepared shards waits forever."""
     per_worker = scaling.resources_per_worker.get("CPU", 1.0)
-    needed = scaling.num_workers * per_worker + data.num_cpus_per_preprocess_task + 1
+    actors = preprocess_pool(data, scaling.num_workers)[0]  # the pool's lower bound must start
+    needed = scaling.num_workers * per_worker + actors * data.num_cpus_per_preprocess_task + 1
     return max(cores, int(needed + 0.999))
 
 
@@ -145,7 +147,7 @@ def train(cfg: Config, verbose: bool = False):
     if cfg.scaling.use_gpu:
         wait_for_gpus(cfg.scaling)
     num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
-    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage)
+    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from omni_ray.config import ConfigError, ModelConfig
-from omni_ray.models.spec import ModelSpec, get_spec
+from omni_ray.models.spec import SUCCESSORS, UNSUPPORTED, ModelSpec, get_spec
 from omni_ray.storage import StorageConfig, download_dir, is_remote, read_bytes
 
 CACHE_DIR = Path(os.environ.get("OMNI_RAY_CACHE", "~/.cache/omni_ray")).expanduser()
@@ -39,16 +39,40 @@ def resolve_spec(model: ModelConfig, hf_config: dict) -> ModelSpec:
     name = model.arch or hf_config.get("model_type")
     if not name:
         raise ConfigError("model.arch: config.json has no model_type; set model.arch explicitly")
+    if name in UNSUPPORTED:
+        raise ConfigError(
+            f"model.path: {model.path!r} is {UNSUPPORTED[name]} (model_type {name!r}), which is not supported: its "
+            "modeling code ships inside the checkpoint and targets transformers 4.4x, and it is not verified to run "
+            f"under the transformers 5.x omni_ray uses. Fine-tune its successors instead: {SUCCESSORS}"
+        )
     try:
         spec = get_spec(name)
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
+    model_config_overrides(model, spec)  # a bad value fails here, at validate
     if spec.remote_code and not model.trust_remote_code:
         raise ConfigError(
             f"model.trust_remote_code: {spec.name} runs the checkpoint's own Python code; set "
             "model.trust_remote_code: true if you trust it"
         )
     return spec
+
+
+def model_config_overrides(model: ModelConfig, spec: ModelSpec) -> dict:
+    """Processor settings the model's config must share (spec.config_from_processor), checked.
+
+    MiniCPM-V 4.6's ``downsample_mode: 4x`` makes the processor emit 4x the image tokens and the
+    model skip a merge step: set on one side only, tokens and features no longer match.
+    """
+    out = {}
+    for key, allowed in spec.config_from_processor.items():
+        if key not in model.processor:
+            continue
+        value = model.processor[key]
+        if value not in allowed:
+            raise ConfigError(f"model.processor.{key}: {value!r} is not one of {list(allowed)} for {spec.name}")
+        out[key] = value
+    return out
 
 
 def local_model_dir(model: ModelConfig, storage: StorageConfig | None = None) -> str:
@@ -76,7 +100,7 @@ def build_skeleton(model: ModelConfig, spec: ModelSpec, hf_config: dict):
     if spec.remote_code:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=True)
     else:
-        config_dict = dict(hf_config)
+        config_dict = {**hf_config, **model_config_overrides(model, spec)}
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     with torch.device("meta"):
         return _auto_class(spec).from_config(config, trust_remote_code=model.trust_remote_code)
@@ -183,6 +207,7 @@ def load_model(model: ModelConfig, spec: ModelSpec, local_dir: str, *, qlora: bo
     import torch
 
     kwargs = {"quantization_config": qlora_config()} if qlora else {}
+    kwargs.update(model_config_overrides(model, spec))  # from_pretrained sets these on the config
     return _auto_class(spec).from_pretrained(
         local_dir,
         dtype=getattr(torch, model.dtype),

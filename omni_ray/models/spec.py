@@ -30,7 +30,9 @@ class ModelSpec:
     """Processor outputs that carry image (or video) data -> the dim along which a batch concatenates them."""
     remote_code: bool = False
     """Loaded through the checkpoint's own code (requires model.trust_remote_code)."""
-    notes: str = ""
+    config_from_processor: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """``model.processor`` keys that change the model as well as the processor -> allowed values.
+    They are passed to the model's config too, so both sides agree (MiniCPM-V's downsample_mode)."""
 
     def group_of(self, param_name: str) -> str | None:
         best, best_len = None, -1
@@ -100,36 +102,26 @@ def _native_minicpmv(name: str, version: str) -> ModelSpec:
         },
         # NaViT packing: every slice of every image (and video frame) in a batch is one long row of patches.
         image_inputs={"pixel_values": -1, "target_sizes": 0, "pixel_values_videos": -1, "target_sizes_videos": 0},
-        notes="SigLIP-style ViT with a window-attention merger, MLP merger, Qwen3.5 text model",
+        # "4x" skips the ViT's insert merger: 4x the image tokens (the model card's finer-detail
+        # option). The processor counts tokens and the model merges patches by this one setting.
+        config_from_processor={"downsample_mode": ("16x", "4x")},
     )
 
 
 MINICPMV_4_6 = register(_native_minicpmv("minicpmv4_6", "4_6"))
 MINICPMV_4_7 = register(_native_minicpmv("minicpmv4_7", "4_7"))
 
-MINICPMV_REMOTE = register(
-    ModelSpec(
-        name="minicpmv_remote",
-        model_types=("minicpmv", "minicpmo"),
-        groups={
-            "vision": ("vpm",),
-            "projector": ("resampler",),
-            "llm": ("llm",),
-            "embeddings": ("llm.model.embed_tokens",),
-            "lm_head": ("llm.lm_head",),
-        },
-        layer_lists={"llm": "llm.model.layers", "vision": "vpm.encoder.layers"},
-        layer_classes=("SiglipEncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Qwen3DecoderLayer"),
-        lora_targets={
-            "llm": _ATTN_MLP,
-            "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-            "projector": ("kv_proj",),
-        },
-        remote_code=True,
-        image_inputs={"pixel_values": 0, "tgt_sizes": 0},
-        notes="MiniCPM-V 2.x / MiniCPM-o through the checkpoint's own modeling code",
-    )
-)
+# Checkpoints refused by name at validate: model_type -> what they are. Their modeling code ships
+# inside the checkpoint (trust_remote_code), written for transformers 4.4x; omni_ray pins 5.x,
+# where that code is not verified to run (and cannot be run here), and their image inputs
+# (image_bound, tgt_sizes) are not wired into the data path. Training them would be a claim
+# nothing here checks, so they are named and refused with their native successors.
+UNSUPPORTED = {
+    "minicpmv": "MiniCPM-V 2.x (2.0, 2.5, 2.6) and 1.0",
+    "minicpmo": "MiniCPM-o (2.6)",
+    "omnilmm": "OmniLMM-12B",
+}
+SUCCESSORS = "MiniCPM-V 4.6 or 4.7 (transformers-native model types minicpmv4_6, minicpmv4_7)"
 
 
 def _qwen_vl(name: str, model_type: str, block: str, layer: str) -> ModelSpec:
@@ -175,5 +167,98 @@ LLAVA = register(
             "vision": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
             "projector": ("linear_1", "linear_2"),
         },
+    )
+)
+
+_SIGLIP_LORA = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _groups(vision: str, projector: tuple[str, ...], llm: str) -> dict[str, tuple[str, ...]]:
+    return {
+        "vision": (vision,),
+        "projector": projector,
+        "llm": (llm,),
+        "embeddings": (llm + ".embed_tokens",),
+        "lm_head": ("lm_head",),
+    }
+
+
+QWEN3_VL = register(
+    ModelSpec(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        # DeepStack: mergers that feed vision features into early LLM layers sit beside the main one.
+        groups=_groups("model.visual", ("model.visual.merger", "model.visual.deepstack_merger_list"),
+                       "model.language_model"),
+        layer_lists={"llm": "model.language_model.layers", "vision": "model.visual.blocks"},
+        layer_classes=("Qwen3VLVisionBlock", "Qwen3VLTextDecoderLayer"),
+        lora_targets={
+            "llm": _ATTN_MLP,
+            "vision": ("qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+            "projector": ("linear_fc1", "linear_fc2"),
+        },
+        image_inputs={"pixel_values": 0, "image_grid_thw": 0, "pixel_values_videos": 0, "video_grid_thw": 0},
+    )
+)
+
+INTERNVL = register(
+    ModelSpec(
+        name="internvl",
+        model_types=("internvl",),
+        groups=_groups("model.vision_tower", ("model.multi_modal_projector",), "model.language_model"),
+        layer_lists={"llm": "model.language_model.layers", "vision": "model.vision_tower.encoder.layer"},
+        # InternVL 3 pairs InternViT with Qwen2.5, 3.5 with Qwen3; older releases with Llama-style LLMs.
+        layer_classes=("InternVLVisionLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer"),
+        lora_targets={
+            "llm": _ATTN_MLP,
+            "vision": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
+            "projector": ("linear_1", "linear_2"),
+        },
+    )
+)
+
+GEMMA3 = register(
+    ModelSpec(
+        name="gemma3",
+        model_types=("gemma3",),
+        groups=_groups("model.vision_tower", ("model.multi_modal_projector",), "model.language_model"),
+        layer_lists={"llm": "model.language_model.layers", "vision": "model.vision_tower.encoder.layers"},
+        layer_classes=("SiglipEncoderLayer", "Gemma3DecoderLayer"),
+        # The projector is one bare weight matrix (mm_input_projection_weight), not a Linear module:
+        # it trains in full or stays frozen.
+        lora_targets={"llm": _ATTN_MLP, "vision": _SIGLIP_LORA},
+    )
+)
+
+
+def _idefics(name: str, encoder_layer: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        model_types=(name,),
+        groups=_groups("model.vision_model", ("model.connector",), "model.text_model"),
+        layer_lists={"llm": "model.text_model.layers", "vision": "model.vision_model.encoder.layers"},
+        layer_classes=(encoder_layer, "LlamaDecoderLayer"),
+        lora_targets={"llm": _ATTN_MLP, "vision": _SIGLIP_LORA, "projector": ("modality_projection.proj",)},
+        # One sample's images arrive as (1, images, 3, H, W): a batch concatenates along the
+        # image dim, and the model matches features to image tokens in order over the batch.
+        image_inputs={"pixel_values": 1, "pixel_attention_mask": 1},
+    )
+
+
+IDEFICS3 = register(_idefics("idefics3", "Idefics3EncoderLayer"))
+SMOLVLM = register(_idefics("smolvlm", "SmolVLMEncoderLayer"))
+
+LLAVA_ONEVISION = register(
+    ModelSpec(
+        name="llava_onevision",
+        model_types=("llava_onevision",),
+        # image_newline is the learned row separator the projector's output is framed with.
+        groups=_groups("model.vision_tower", ("model.multi_modal_projector", "model.image_newline"),
+                       "model.language_model"),
+        layer_lists={"llm": "model.language_model.layers", "vision": "model.vision_tower.encoder.layers"},
+        layer_classes=("SiglipEncoderLayer", "Qwen2DecoderLayer"),
+        lora_targets={"llm": _ATTN_MLP, "vision": _SIGLIP_LORA, "projector": ("linear_1", "linear_2")},
+        # batch_num_images: single-image samples are tiled (anyres), multi-image ones are not.
+        image_inputs={"pixel_values": 0, "image_sizes": 0, "batch_num_images": 0},
     )
 )

@@ -32,6 +32,21 @@ MINICPMV_STANDIN_TEMPLATE = (
 )
 
 
+def standin_chat_template(image: str, video: str = "") -> str:
+    """A ChatML stand-in that renders content blocks with the family's own image/video text.
+
+    Written here, NOT published: for the families whose template is not on file yet (Qwen3-VL,
+    InternVL, Gemma 3, Idefics3/SmolVLM, LLaVA-OneVision). ``image`` / ``video`` are what the
+    family's processor expects in the text for one image or video (it expands them).
+    """
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image
+        + "{% elif c['type'] == 'video' %}" + video + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 def published_chat_template(family: str) -> str:
     """The family's published chat template, as stored byte for byte under ``templates/<family>/``."""
     path = TEMPLATES_DIR / family / "chat_template.jinja"
@@ -172,7 +187,8 @@ def tiny_llava_processor():
 
 
 def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: int = 4, vision_layers: int = 2,
-                        scale_resolution: int = 112, seed: int = 0) -> Path:
+                        scale_resolution: int = 112, tie_embeddings: bool = False, seed: int = 0) -> Path:
+    """``tie_embeddings``: one matrix for input embeddings and lm_head, as the published 4.6 has."""
     import importlib
 
     import torch
@@ -182,7 +198,8 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
     processor = tiny_minicpmv_processor(version, scale_resolution)
     tokenizer = processor.tokenizer
     config = getattr(mod, f"MiniCPMV{ver}Config")(
-        text_config=_text_config("qwen3_5_text", len(tokenizer), text_layers),
+        text_config={**_text_config("qwen3_5_text", len(tokenizer), text_layers), "tie_word_embeddings": tie_embeddings},
+        tie_word_embeddings=tie_embeddings,
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
                            num_attention_heads=4, patch_size=14, image_size=scale_resolution),
         insert_layer_id=0,
@@ -234,6 +251,143 @@ def build_tiny_llava(out: str | Path, *, seed: int = 0) -> Path:
     return _save(out, model, processor)
 
 
+def _qwen3_vl_parts(tokenizer):
+    import transformers
+
+    image_processor = transformers.Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=64 * 64 * 4)
+    video_processor = transformers.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    template = standin_chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                     "<|vision_start|><|video_pad|><|vision_end|>")
+    processor = transformers.Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                              tokenizer=tokenizer, chat_template=template)
+    text = _text_config("qwen3_vl_text", len(tokenizer), 2)
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return processor, {"text_config": text, "vision_config": vision}
+
+
+def build_tiny_qwen3_vl(out: str | Path, *, seed: int = 0) -> Path:
+    """Qwen3-VL: SigLIP-2-style ViT with DeepStack mergers + Qwen3 text model (16 px patches)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tokenizer = train_tokenizer(list(named.values()), named)
+    processor, configs = _qwen3_vl_parts(tokenizer)
+    config = Qwen3VLConfig(**configs, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                           video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                           vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+                           vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    return _save(out, Qwen3VLForConditionalGeneration(config), processor)
+
+
+def build_tiny_internvl(out: str | Path, *, seed: int = 0) -> Path:
+    """InternVL 3: InternViT + MLP projector (pixel shuffle 0.5) + Qwen2 text model."""
+    import torch
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers import InternVLVideoProcessor
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tokenizer = train_tokenizer(list(named.values()), named)
+    # 28 px tiles of 14 px patches: 2x2 patches, pixel shuffle 0.5 -> one token per tile.
+    image_processor = GotOcr2ImageProcessor(size={"height": 28, "width": 28}, crop_to_patches=False)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=InternVLVideoProcessor(size={"height": 28, "width": 28}),
+                                  image_seq_length=1, chat_template=standin_chat_template("<IMG_CONTEXT>\n"))
+    config = InternVLConfig(
+        text_config=_text_config("qwen2", len(tokenizer), 2),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=[28, 28], patch_size=[14, 14]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=1,
+    )
+    torch.manual_seed(seed)
+    return _save(out, InternVLForConditionalGeneration(config), processor)
+
+
+def build_tiny_gemma3(out: str | Path, *, seed: int = 0) -> Path:
+    """Gemma 3: SigLIP + pooled projector (fixed tokens per image) + Gemma 3 text model."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = train_tokenizer(list(named.values()), named)
+    tokenizer.add_special_tokens({"bos_token": "<|endoftext|>"})
+    # 56 px, 14 px patches: 4x4 patches pooled 2x2 -> 4 tokens per image.
+    image_processor = Gemma3ImageProcessor(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+                                chat_template=standin_chat_template("<start_of_image>"))
+    text = _text_config("gemma3_text", len(tokenizer), 2)
+    text.update(sliding_window=64, query_pre_attn_scalar=16)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=14, vision_use_head=False),
+        mm_tokens_per_image=4, image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+    )
+    torch.manual_seed(seed)
+    return _save(out, Gemma3ForConditionalGeneration(config), processor)
+
+
+def build_tiny_idefics3(out: str | Path, model_type: str = "smolvlm", *, seed: int = 0) -> Path:
+    """Idefics3 / SmolVLM: SigLIP + pixel-shuffle connector + Llama text model (no image splitting)."""
+    import torch
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[model_type]
+    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+             "global_image_token": "<global-img>"}
+    tokenizer = train_tokenizer([*named.values(), "<end_of_utterance>"], named)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessor")(
+        do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
+    kwargs = {"video_processor": transformers.SmolVLMVideoProcessor()} if model_type == "smolvlm" else {}
+    # 56 px, 14 px patches: 4x4 patches, pixel shuffle by 2 -> 4 tokens per image.
+    processor = getattr(transformers, f"{prefix}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+        chat_template=standin_chat_template("<image>"), **kwargs)
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=_text_config("llama", len(tokenizer), 2),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=14),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return _save(out, model, processor)
+
+
+def build_tiny_llava_onevision(out: str | Path, *, seed: int = 0) -> Path:
+    """LLaVA-OneVision: SigLIP + MLP projector (anyres tiles, newline token) + Qwen2 text model."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
+
+    named = {"image_token": "<image>", "video_token": "<video>"}
+    tokenizer = train_tokenizer(list(named.values()), named)
+    # One 28 px grid point: every image is a base view + one tile of 2x2 patches.
+    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28]])
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=LlavaOnevisionVideoProcessor(size={"height": 28, "width": 28}),
+                                        num_image_tokens=4, vision_feature_select_strategy="full",
+                                        chat_template=standin_chat_template("<image>", "<video>"))
+    config = LlavaOnevisionConfig(
+        text_config=_text_config("qwen2", len(tokenizer), 2),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[[28, 28]], vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    return _save(out, LlavaOnevisionForConditionalGeneration(config), processor)
+
+
 def _save(out: str | Path, model, processor) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +402,12 @@ BUILDERS = {
     "qwen2_vl": lambda out, **kw: build_tiny_qwen_vl(out, "qwen2_vl", **kw),
     "qwen2_5_vl": lambda out, **kw: build_tiny_qwen_vl(out, "qwen2_5_vl", **kw),
     "llava": build_tiny_llava,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "internvl": build_tiny_internvl,
+    "gemma3": build_tiny_gemma3,
+    "idefics3": lambda out, **kw: build_tiny_idefics3(out, "idefics3", **kw),
+    "smolvlm": lambda out, **kw: build_tiny_idefics3(out, "smolvlm", **kw),
+    "llava_onevision": build_tiny_llava_onevision,
 }
 
 

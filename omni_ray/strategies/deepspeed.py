@@ -162,7 +162,8 @@ def build_cpu_adam(groups: list[dict], train: TrainConfig):
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=train.lr, weight_decay=train.weight_decay, adamw_mode=True)
+        return DeepSpeedCPUAdam(groups, lr=train.lr, weight_decay=train.weight_decay, betas=train.betas,
+                                adamw_mode=True)
     except Exception as err:  # the JIT build raises all sorts (RuntimeError, CalledProcessError, ImportError)
         raise RuntimeError(
             "strategy.offload_optimizer: ZeRO-Offload runs the optimizer with DeepSpeed's DeepSpeedCPUAdam, whose C++ "
@@ -230,7 +231,7 @@ class DeepSpeedStrategy(Strategy):
         if self.cfg.offload_optimizer:
             optimizer = build_cpu_adam(groups, self.train)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay,
+            optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay, betas=self.train.betas,
                                           foreach=self.device.type != "cpu")
         # The schedule drives the torch optimizer's param_groups; ZeRO's optimizer reads its lr from them.
         self.scheduler = make_scheduler(optimizer, self.train, total_steps)

@@ -50,7 +50,7 @@ class FSDPStrategy(Strategy):
 
     def setup_optimizer(self, param_groups: list[dict], total_steps: int) -> None:
         groups = [{k: v for k, v in g.items() if k not in ("names", "group")} for g in param_groups]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay,
+        self.optimizer = torch.optim.AdamW(groups, lr=self.train.lr, weight_decay=self.train.weight_decay, betas=self.train.betas,
                                            foreach=self.device.type != "cpu")
         self.scheduler = make_scheduler(self.optimizer, self.train, total_steps)
         self.optimizer_params = [p for g in groups for p in g["params"]]

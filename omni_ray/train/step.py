@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from omni_ray.data.conversation import IGNORE_INDEX
 from omni_ray.strategies.base import StepStats, Strategy
+from omni_ray.train.loss import head_loss, token_loss_sum
 
 NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
 
@@ -31,12 +31,18 @@ class StepResult:
     stats: StepStats
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions (float32 for a stable softmax)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def model_loss(engine: Strategy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The token-sum loss of one micro-batch, computed inside the model's forward.
+
+    The output projection returns the loss instead of the logits (``head_loss``: chunked, or
+    liger's fused kernel on CUDA), so the [tokens, vocab] logits are never held. A model
+    without a standard output projection (remote code) takes the loss from its full logits.
+    """
+    head = engine.unwrapped().get_output_embeddings()
+    if head is None:
+        return token_loss_sum(engine.forward(inputs).logits, labels)
+    with head_loss(head, labels):
+        return engine.forward(inputs).logits
 
 
 def train_step(engine: Strategy, micro_batches: list[dict], step_tokens: float, world_size: int,
@@ -53,7 +59,7 @@ def train_step(engine: Strategy, micro_batches: list[dict], step_tokens: float, 
     loss_sum, label_tokens, samples, tokens, keep_alive = 0.0, 0, 0, 0, 0
     for batch in micro_batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
-        loss = token_loss_sum(engine.forward(inputs).logits, batch["labels"])
+        loss = model_loss(engine, inputs, batch["labels"])
         engine.backward(loss * world_size / max(step_tokens, 1.0))
         loss_sum += float(loss.detach())
         label_tokens += int(batch["num_label_tokens"])

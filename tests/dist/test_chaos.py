@@ -39,8 +39,14 @@ def latest_step(s3, cfg) -> tuple[int, bool]:
 
 
 def kill_a_worker(rng: random.Random) -> None:
-    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+    """SIGKILL one of this test's own training workers (its Ray cluster descends from this process)."""
+    workers = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # exited (or a zombie) while we looked
+            continue
     if workers:
         rng.choice(workers).send_signal(signal.SIGKILL)
 

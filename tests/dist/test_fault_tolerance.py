@@ -47,6 +47,10 @@ class Proxy:
         threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
 
     def down(self):
+        try:  # wakes the thread blocked in accept(), so the port is free to listen on again at once
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         for c in self.conns:
             try:
@@ -237,7 +241,8 @@ def test_s3_outage_during_upload_fails_clearly_and_keeps_the_last_good_checkpoin
         proxy.up()
     error = str(box.get("error"))
     assert "error" in box, "the run must fail, not hang or pass, when S3 stays unreachable"
-    assert "AWS Error" in error or "NETWORK_CONNECTION" in error or "S3" in error, error
+    # The storage failure itself, named: a network error from the S3 client on this run's checkpoint.
+    assert "NETWORK_CONNECTION" in error or "Could not connect" in error, error
     good = find_latest(run_uri, cfg.storage)
     assert good, "the checkpoint written before the outage is still whole"
     # ...and it resumes: the same command finishes from it once the endpoint is back (an

@@ -7,7 +7,9 @@ these tests instead of silently training the wrong thing.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from omni_ray.config import FreezeConfig, LoraConfig, ConfigError, load_config
 from omni_ray.freeze import apply_plan, audit, base_name, param_groups, plan_freeze, FreezeAuditError
 from omni_ray.models.spec import all_specs, get_spec
 
-NATIVE = [s.name for s in all_specs() if not s.remote_code]
+NATIVE = [s.name for s in all_specs()]
+REFERENCE_46 = Path(__file__).resolve().parents[2] / "omni_ray/models/reference/MiniCPM-V-4_6/config.json"
 
 
 @lru_cache(maxsize=None)
@@ -25,27 +28,20 @@ def names_and_shapes(arch: str) -> tuple:
     from transformers import AutoModelForImageTextToText
 
     config = transformers.CONFIG_MAPPING[arch]()
-    if arch.startswith("qwen2"):  # default Qwen2-VL is 72B; a few layers keep the test quick
-        config.text_config.num_hidden_layers = 4
-        config.vision_config.depth = 4
+    if arch == "minicpmv4_6":  # the published model (1.3B), not transformers' 9.1B default
+        config = transformers.AutoConfig.for_model(**json.loads(REFERENCE_46.read_text()))
+    if not arch.startswith("minicpmv"):  # defaults are 7B-72B models: a few layers keep the test quick
+        for sub in (config.text_config, config.vision_config):
+            for key in ("num_hidden_layers", "depth"):
+                if hasattr(sub, key):
+                    setattr(sub, key, 4)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
-REMOTE_NAMES = tuple(
-    [("vpm.embeddings.patch_embedding.weight", (1152, 3, 14, 14))]
-    + [(f"vpm.encoder.layers.{i}.self_attn.{m}.weight", (1152, 1152)) for i in range(3) for m in ("q_proj", "k_proj")]
-    + [("resampler.kv_proj.weight", (3584, 1152)), ("resampler.query", (64, 3584))]
-    + [("llm.model.embed_tokens.weight", (1000, 3584))]
-    + [(f"llm.model.layers.{i}.self_attn.{m}.weight", (3584, 3584)) for i in range(4) for m in ("q_proj", "v_proj")]
-    + [("llm.model.norm.weight", (3584,)), ("llm.lm_head.weight", (1000, 3584))]
-)
-
-
 def plan_for(arch, freeze=None, lora=None, lr=1e-4):
-    names = REMOTE_NAMES if arch == "minicpmv_remote" else names_and_shapes(arch)
-    return plan_freeze(names, get_spec(arch), FreezeConfig.model_validate(freeze or {}),
+    return plan_freeze(names_and_shapes(arch), get_spec(arch), FreezeConfig.model_validate(freeze or {}),
                        LoraConfig.model_validate(lora or {}), lr)
 
 
@@ -53,16 +49,16 @@ def modes(plan, group):
     return {p.mode for p in plan.params if p.group == group}
 
 
-@pytest.mark.parametrize("arch", NATIVE + ["minicpmv_remote"])
+@pytest.mark.parametrize("arch", NATIVE)
 def test_every_parameter_has_a_group(arch):
     plan = plan_for(arch)
     assert {p.group for p in plan.params} == {"vision", "projector", "llm", "embeddings", "lm_head"} - (
-        {"lm_head"} if arch != "minicpmv_remote" and not any(p.name.startswith("lm_head") for p in plan.params) else set()
+        {"lm_head"} if not any(p.name.startswith("lm_head") for p in plan.params) else set()
     )
     assert not [p.name for p in plan.params if p.group == "other"]
 
 
-@pytest.mark.parametrize("arch", NATIVE + ["minicpmv_remote"])
+@pytest.mark.parametrize("arch", NATIVE)
 @pytest.mark.parametrize(
     "freeze, expect",
     [
@@ -146,8 +142,23 @@ def test_lora_targets_regex_and_names():
 
 
 def test_lora_mode_with_no_matching_target_is_an_error():
-    with pytest.raises(ConfigError, match=r"freeze.llm: mode is lora but lora.target_modules matches no"):
+    with pytest.raises(ConfigError, match=r"freeze.llm: mode is lora but lora.target_modules .*matches no") as err:
         plan_for("minicpmv4_6", lora={"target_modules": ["does_not_exist"]})
+    # The error shows real module names, so the user sees what the targets were matched against.
+    assert "'model.language_model.layers." in str(err.value)
+
+
+def test_minicpmv2_lora_regex_on_native_46_is_an_error_that_shows_real_names():
+    """finetune_lora.sh's regex names MiniCPM-V 2.x modules (llm.model.layers...): on 4.6 it matches nothing."""
+    with pytest.raises(ConfigError, match=r"matches no Linear module in llm of minicpmv4_6") as err:
+        plan_for("minicpmv4_6", lora={"target_modules": r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"})
+    assert "model.language_model.layers." in str(err.value)
+
+
+def test_override_matching_nothing_is_an_error_that_shows_real_names():
+    with pytest.raises(ConfigError, match=r"freeze.overrides: pattern .*norm' matches no parameter of minicpmv4_6") as err:
+        plan_for("minicpmv4_6", {"overrides": [{"pattern": r"llm\.model\.norm", "mode": "full"}]})
+    assert "'model.vision_tower." in str(err.value) and "'model.language_model." in str(err.value)
 
 
 def test_lora_param_count_and_per_group_rank():

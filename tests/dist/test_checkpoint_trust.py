@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.dist
 import torch
 
 from omni_ray import storage as st

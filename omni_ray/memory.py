@@ -1,0 +1,345 @@
+"""Per-worker memory: an estimate before launch, and a tracker that measures a real step.
+
+The estimate is built from the model's config and the freeze plan, never from weights:
+
+    weights      by storage dtype (frozen groups may be held in bf16, trained ones in fp32
+                 masters), divided by the world size where the engine shards them (FSDP2,
+                 ZeRO-3) plus FSDP2's transient all-gather of the layers it unshards at once
+    gradients    fp32, trained parameters only, sharded (FSDP2 reduce-scatters, ZeRO-2/3)
+    optimizer    AdamW's two fp32 moments per trained parameter, sharded
+    activations  what autograd keeps for the backward plus the transients around it: measured
+                 by running one forward and backward of the real transformers class on *fake*
+                 tensors (``FakeTensorMode``: shapes and dtypes, no data, no memory), with the
+                 plan applied (so frozen prefixes keep nothing), at the configured micro-batch
+                 and sequence length (image tokens are part of the sequence), with and without
+                 gradient checkpointing, through the configured loss (chunked or full logits)
+
+``LiveTensorBytes`` is the tracker both sides use: a dispatch mode that sees every tensor an op
+creates and adds its storage's bytes while any tensor still refers to it. On real CPU tensors it
+is the "measured" side (``bench/memory.py``, tests); on fake tensors it is the estimate's
+activation term. On a GPU the measured side is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MASTER_BYTES = 4  # trained parameters, their gradients and optimizer math stay fp32
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive now (``live``) and at most (``peak``) since entering.
+
+    Tensors that existed before entering (the weights) are the baseline and not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[tuple, int] = {}
+        self._tracked: set[int] = set()
+
+    def _forget(self, key: tuple, tensor_id: int, nbytes: int) -> None:
+        self._tracked.discard(tensor_id)
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def _track(self, tensor: torch.Tensor, aliases_input: bool) -> None:
+        if id(tensor) in self._tracked:  # in-place ops return their input
+            return
+        storage = tensor.untyped_storage()
+        key = (tensor.device.type, storage._cdata)
+        if aliases_input and key not in self._refs:  # a view of a baseline tensor (a weight's .t())
+            return
+        self._tracked.add(id(tensor))
+        if key in self._refs:  # a view of a storage already counted
+            self._refs[key] += 1
+        else:
+            self._refs[key] = 1
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._forget, key, id(tensor), storage.nbytes())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place ops return tensors on their input's storage: no new bytes.
+        aliases = any(r.alias_info is not None for r in func._schema.returns)
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self._track(item, aliases)
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one worker holds the model: from the strategy and train sections (``layout_of``)."""
+
+    world: int = 1
+    shard_weights: bool = True  # FSDP2, ZeRO-3
+    compute_dtype: torch.dtype = torch.float32
+    frozen_dtype: torch.dtype = torch.float32
+    chunked_loss: bool = True
+    gradient_checkpointing: bool = False
+    engine: str = "fsdp"
+    optimizer_foreach: bool = False  # the engines use torch's foreach AdamW on GPUs, per tensor on CPUs
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: dict[str, int]  # storage dtype -> bytes on this worker
+    gradients: int
+    optimizer: int
+    optimizer_step: int  # AdamW's temporaries during the step (activations are gone by then)
+    activations: int  # with the configured gradient checkpointing setting
+    activations_other: int | None  # with the opposite setting, for comparison (None: not estimated)
+    logits: int  # the loss's share: full logits, or one chunk
+    gradient_checkpointing: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total(self) -> int:
+        return sum(self.weights.values()) + self.step_bytes
+
+    @property
+    def step_bytes(self) -> int:
+        """What one step adds above the loaded weights (the measured side's baseline): the
+        optimizer state and gradients, plus the larger of the activations (forward, backward)
+        and the optimizer's temporaries (its step, after the activations are freed)."""
+        return self.gradients + self.optimizer + max(self.activations, self.optimizer_step)
+
+    def format(self) -> str:
+        ckpt = "on" if self.gradient_checkpointing else "off"
+        other = "" if self.activations_other is None else (
+            f"; {'off' if self.gradient_checkpointing else 'on'}: {self.activations_other / GiB:.2f} GiB")
+        lines = [f"memory per worker (estimate): {self.total / GiB:.2f} GiB"]
+        lines += [f"  weights {dtype:<9} {n / GiB:8.2f} GiB" for dtype, n in sorted(self.weights.items())]
+        lines += [f"  gradients         {self.gradients / GiB:8.2f} GiB",
+                  f"  optimizer state   {self.optimizer / GiB:8.2f} GiB (+{self.optimizer_step / GiB:.2f} GiB "
+                  f"temporaries in its step)",
+                  f"  activations       {self.activations / GiB:8.2f} GiB (gradient checkpointing {ckpt}{other})",
+                  f"    of which loss   {self.logits / GiB:8.2f} GiB"]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _numels(plan) -> tuple[int, int]:
+    """(frozen, trained) parameter counts of the plan; LoRA adapters count as trained."""
+    trained = plan.trainable_numel()
+    frozen = sum(p.numel for p in plan.params if p.mode != "full")
+    return frozen, trained
+
+
+def _weights(plan, layout: Layout, largest_layer: int) -> dict[str, int]:
+    frozen, trained = _numels(plan)
+    shard = layout.world if layout.shard_weights else 1
+    out = {_dtype_name(layout.frozen_dtype): frozen * layout.frozen_dtype.itemsize // shard}
+    fp32 = "float32"
+    out[fp32] = out.get(fp32, 0) + trained * MASTER_BYTES // shard
+    if layout.compute_dtype != torch.float32 and layout.engine == "deepspeed":
+        # ZeRO keeps a 16-bit copy of every parameter beside the fp32 masters of the trained ones.
+        name = _dtype_name(layout.compute_dtype)
+        out[name] = out.get(name, 0) + trained * layout.compute_dtype.itemsize // shard
+    if layout.shard_weights and layout.world > 1:
+        # FSDP2 / ZeRO-3 gather a layer before it runs and prefetch the next: two unsharded layers.
+        name = _dtype_name(layout.compute_dtype)
+        out[name] = out.get(name, 0) + 2 * largest_layer * layout.compute_dtype.itemsize
+    return {k: v for k, v in out.items() if v}
+
+
+def _fake_step(build_model: Callable, apply: Callable, batch: int, seq_len: int, layout: Layout,
+               checkpointing: bool) -> tuple[int, int]:
+    """(peak live bytes, trained-gradient bytes) of one forward+backward on fake tensors."""
+    # Fake parameters cannot be swapped in place by Module.to (peft moves its adapters): assign.
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        return _fake_forward_backward(build_model, apply, batch, seq_len, layout, checkpointing)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+def _fake_forward_backward(build_model: Callable, apply: Callable, batch: int, seq_len: int, layout: Layout,
+                           checkpointing: bool) -> tuple[int, int]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from omni_ray.train.loss import head_loss, token_loss_sum
+
+    with torch.device("meta"):  # the skeleton: shapes only; fake mode converts its tensors on use
+        model = apply(build_model()).to(layout.compute_dtype)
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        labels = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        inputs = {"input_ids": ids, "use_cache": False}
+        tracker = LiveTensorBytes()
+        with tracker:
+            if layout.chunked_loss:
+                with head_loss(model.get_output_embeddings(), labels):
+                    loss = model(**inputs).logits
+            else:
+                loss = token_loss_sum(model(**inputs).logits, labels)
+            if loss.requires_grad:
+                loss.backward()
+        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return tracker.peak, grads
+
+
+# Fake steps cost ~1 ms per op, and the torch fallback of linear attention runs a Python loop per
+# 64-token chunk: long sequences are measured at two shorter lengths and extrapolated.
+GDN_CHUNK = 64
+
+
+def measure_lengths(vocab: int, chunked: bool) -> tuple[int, int]:
+    """Two lengths where memory is affine in the length: the chunked loss's chunk is full at both."""
+    from omni_ray.train.loss import chunk_tokens
+
+    short = max(GDN_CHUNK, -(-chunk_tokens(vocab) // GDN_CHUNK) * GDN_CHUNK) if chunked else GDN_CHUNK
+    return short, 2 * short
+
+
+def _activations(build_model: Callable, apply: Callable, batch: int, seq_len: int, vocab: int, layout: Layout,
+                 checkpointing: bool) -> int:
+    """Activation bytes (gradients excluded) of one step at ``seq_len``.
+
+    Above ``measure_lengths`` the bytes are an affine function of the length (attention runs
+    through SDPA, which keeps no [seq, seq] scores, and the loss's chunk is full), so two
+    shorter fake steps fix the line.
+    """
+    def measure(tokens: int) -> int:
+        peak, grads = _fake_step(build_model, apply, batch, tokens, layout, checkpointing)
+        return max(0, peak - grads)  # gradients are counted on their own
+
+    short, long = measure_lengths(vocab, layout.chunked_loss)
+    if seq_len <= long:
+        return measure(seq_len)
+    at_short, at_long = measure(short), measure(long)
+    return int(at_long + (at_long - at_short) * (seq_len - long) / (long - short))
+
+
+def _adam_temporaries(plan, trained: int, layout: Layout) -> int:
+    """torch AdamW's step: foreach takes sqrt(exp_avg_sq) of every tensor at once; per tensor,
+    sqrt and its quotient of the largest tensor exist together."""
+    if layout.optimizer_foreach:
+        return trained * MASTER_BYTES
+    largest = max((p.numel for p in plan.params if p.mode == "full"), default=0)
+    return 2 * largest * MASTER_BYTES
+
+
+def loss_bytes(tokens: int, vocab: int, compute_dtype: torch.dtype, chunked: bool) -> int:
+    """The loss's own memory: full logits (+ their fp32 copy and softmax) or one chunk's worth."""
+    from omni_ray.train.loss import chunk_tokens
+
+    if chunked:
+        return 3 * 4 * min(tokens, chunk_tokens(vocab)) * vocab
+    return tokens * vocab * (compute_dtype.itemsize + 4 + 4)
+
+
+def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout, *, batch: int, seq_len: int,
+                    vocab: int, largest_layer: int = 0, compare_checkpointing: bool = True) -> MemoryEstimate:
+    """Per-worker bytes by component for one training step (see the module docstring).
+
+    ``build_model()`` returns the transformers model from its config (it runs on the meta
+    device: no weights are read or allocated); ``apply(model)`` applies the freeze plan. Each
+    fake forward+backward costs about a millisecond per op (seconds for a model);
+    ``compare_checkpointing=False`` skips the one with the other checkpointing setting.
+    """
+    frozen, trained = _numels(plan)
+    shard = layout.world  # FSDP2 and ZeRO-2/3 all shard gradients and optimizer state
+    runs = {}
+    settings = (layout.gradient_checkpointing, not layout.gradient_checkpointing)
+    for checkpointing in settings if compare_checkpointing else settings[:1]:
+        runs[checkpointing] = _activations(build_model, apply, batch, seq_len, vocab, layout, checkpointing)
+    notes = []
+    if layout.shard_weights and layout.world > 1 and not largest_layer:
+        notes.append("the unsharded layer FSDP2/ZeRO-3 gathers at a time is not counted (largest_layer=0)")
+    return MemoryEstimate(
+        weights=_weights(plan, layout, largest_layer),
+        gradients=trained * MASTER_BYTES // shard,
+        optimizer=trained * ADAM_STATE_BYTES // shard,
+        optimizer_step=_adam_temporaries(plan, trained, layout) // shard,
+        activations=runs[layout.gradient_checkpointing],
+        activations_other=runs.get(not layout.gradient_checkpointing),
+        logits=loss_bytes(batch * seq_len, vocab, layout.compute_dtype, layout.chunked_loss),
+        gradient_checkpointing=layout.gradient_checkpointing,
+        notes=tuple(notes),
+    )
+
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def largest_layer_numel(plan, spec) -> int:
+    """Parameters of the biggest repeated layer: what FSDP2 / ZeRO-3 hold unsharded at once."""
+    sizes: dict[tuple[str, int], int] = {}
+    for p in plan.params:
+        index = spec.layer_index(p.group, p.name)
+        if index is not None:
+            sizes[(p.group, index)] = sizes.get((p.group, index), 0) + p.numel
+    return max(sizes.values(), default=0)
+
+
+def layout_of(model_dtype: str, train, strategy, scaling) -> Layout:
+    """How the configured engine holds the model (train, strategy and scaling sections)."""
+    return Layout(world=scaling.num_workers,
+                  shard_weights=strategy.name == "fsdp" or strategy.zero_stage == 3,
+                  compute_dtype=PRECISION_DTYPES[train.precision], frozen_dtype=getattr(torch, model_dtype),
+                  gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name,
+                  optimizer_foreach=scaling.use_gpu)
+
+
+def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
+                  gpu_memory_gb: float | None) -> list[str]:
+    """Lines for ``omni-ray validate``: the estimate by component and, if it does not fit, a warning."""
+    if spec.remote_code:
+        return ["memory: no estimate for remote-code models (their classes are not run before training)"]
+    from omni_ray.freeze import apply_plan
+    from omni_ray.models.loading import build_skeleton
+
+    text = hf_config.get("text_config", hf_config)
+    estimate = estimate_memory(lambda: build_skeleton(model_cfg, spec, hf_config), lambda m: apply_plan(m, plan, lora),
+                               plan, layout, batch=batch, seq_len=seq_len, vocab=int(text["vocab_size"]),
+                               largest_layer=largest_layer_numel(plan, spec), compare_checkpointing=False)
+    limit, source = device_memory_bytes(gpu_memory_gb)
+    warning = fits_warning(estimate, limit, source)
+    return [estimate.format(), *([warning] if warning else [])]
+
+
+def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:
+    """The memory one worker may use: ``scaling.gpu_memory_gb`` if set, else the detected GPU."""
+    if configured_gb:
+        return int(configured_gb * GiB), "scaling.gpu_memory_gb"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    return None, "no GPU detected and scaling.gpu_memory_gb not set"
+
+
+def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> str | None:
+    """A warning line when the estimate is above the device's memory, else None."""
+    if limit is None or estimate.total <= limit:
+        return None
+    return (f"memory: the estimate {estimate.total / GiB:.1f} GiB per worker is above {limit / GiB:.1f} GiB "
+            f"({source}); enable train.gradient_checkpointing, freeze more, use more workers, "
+            f"or lower train.micro_batch_size / data.model_max_length")
+
+
+__all__ = ["Layout", "LiveTensorBytes", "MemoryEstimate", "device_memory_bytes", "estimate_memory",
+           "fits_warning", "layout_of", "loss_bytes", "memory_report"]
