@@ -273,14 +273,6 @@ class TrainConfig(Section):
         None, ge=1, description="Evaluate on data.eval every N optimizer steps (and at the end); none: only at the end."
     )
 
-
-class EvalConfig(Section):
-    """Evaluation on data.eval: loss over the whole set, and greedy answers written to eval/step-N.html."""
-
-    num_samples: int = Field(4, ge=0, description="Eval prompts (the first N of data.eval) answered by the model.")
-    max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per answer (greedy decoding).")
-    batch_size: int | None = Field(None, ge=1, description="Eval samples per forward pass; default: train.micro_batch_size.")
-
     @property
     def betas(self) -> tuple[float, float]:
         """AdamW's (beta1, beta2)."""
@@ -303,6 +295,14 @@ DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
     "use_data_before_expert_parallelism", "compile", "hybrid_engine", "weight_quantization",
     "gradient_allreduce_op", "disable_python_gc", "timers", "nebula",
 })
+
+
+class EvalConfig(Section):
+    """Evaluation on data.eval: loss over the whole set, and greedy answers written to eval/step-N.html."""
+
+    num_samples: int = Field(4, ge=0, description="Eval prompts (the first N of data.eval) answered by the model.")
+    max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per answer (greedy decoding).")
+    batch_size: int | None = Field(None, ge=1, description="Eval samples per forward pass; default: train.micro_batch_size.")
 
 
 class StrategyConfig(Section):
