@@ -138,11 +138,17 @@ class SampleProcessor:
         for block in blocks:
             if block["type"] != "text":
                 continue
-            start = text.find(block["text"], end)
-            if start < 0:  # a template that rewrites content (strips, escapes) cannot be labelled safely
+            needle = block["text"]
+            start = text.find(needle, end)
+            if start < 0 and needle.strip() != needle:  # templates that trim turns (MiniCPM-V 4.6, Qwen3.5)
+                needle = needle.strip()
+                if not needle:
+                    continue
+                start = text.find(needle, end)
+            if start < 0:  # a template that rewrites content (escapes, reorders) cannot be labelled safely
                 raise DataError("malformed_conversation", "chat template does not reproduce a turn's text")
             first = start if first is None else first
-            end = start + len(block["text"])
+            end = start + len(needle)
         return None if first is None else (first, end)
 
     def _processor_kwargs(self, text: str, images: list, videos: list) -> dict:

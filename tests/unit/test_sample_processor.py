@@ -235,3 +235,16 @@ def test_image_tokens_inside_a_labelled_turn_are_not_labelled(qwen):
     assert (out["input_ids"] == pad).sum() == 4
     assert not (out["labels"] == pad).any()
     assert _labelled_text(qwen, out).startswith("here ")
+
+
+def test_a_template_that_trims_turns_still_labels_the_answer():
+    """MiniCPM-V 4.6's published template trims each turn's text: an answer with surrounding
+    whitespace is labelled as rendered (trimmed), not rejected as a template that rewrites text."""
+    from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor
+    from omni_ray.models.tiny import build_tiny_processor
+
+    processor = build_tiny_processor("minicpmv4_6")
+    sp = SampleProcessor(processor, 256, {"pixel_values": -1})
+    out = sp([{"role": "user", "content": "  what colour?  "}, {"role": "assistant", "content": "red \n"}], [])
+    labelled = processor.tokenizer.decode([t for t in out["labels"] if t != IGNORE_INDEX])
+    assert labelled == "red<|im_end|>"
