@@ -42,10 +42,13 @@ ENGINES = {
 #   element, so near-zero gradients of either sign become full-size updates). Measured max
 #   |loss - FSDP loss| over the 20 steps (loss 6.44 -> 4.06): ZeRO-2 1.8e-4, ZeRO-3 4.0e-4;
 #   first 3 steps: ZeRO-2 0 (bit-identical), ZeRO-3 1.9e-6. The bounds leave 5x headroom.
+#   With MiniCPM-V 4.6's published chat template (longer samples: an empty think block before
+#   each answer) the first 6 steps still agree to 1.7e-6 and ZeRO-3's drift reaches 3.1e-3 by
+#   step 20; the curve bound leaves 2x above that, the early bound is unchanged.
 # (At lr 5e-3 the same growth reached 5.7e-3 for ZeRO-3 by step 20; lr 2e-3 keeps it small.)
 # Identical step-1 losses also show that every engine got the same rows in the same order.
 EARLY_STEPS, EARLY_TOLERANCE = 3, 1e-5
-CURVE_TOLERANCE = 2e-3
+CURVE_TOLERANCE = 6e-3
 
 
 def engine_config(engine: str, tiny_minicpmv, train_jsonl, tmp_path) -> dict:
