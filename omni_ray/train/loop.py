@@ -160,21 +160,27 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
 
 
 class Meter:
-    """Step results since the last report, turned into metrics summed over all ranks."""
+    """Step results since the last report, turned into metrics summed over all ranks.
+
+    Loss, throughput and grad norm are over the window since the last report; samples seen,
+    rejects and keep-alive batches are totals since this process started.
+    """
 
     def __init__(self):
         self.results: list[StepResult] = []
         self.since = time.perf_counter()
+        self.keep_alive_batches = 0
 
     def add(self, result: StepResult) -> None:
         self.results.append(result)
+        self.keep_alive_batches += result.keep_alive_batches
 
     def report(self, state: TrainState, batches: EpochBatches, engine, guard: FreezeGuard, total_steps: int,
                device: torch.device) -> dict:
         """Metrics over all ranks (collective: every rank calls it at the same step)."""
         r = self.results
         local = [sum(x.loss_sum for x in r), sum(x.label_tokens for x in r), sum(x.samples for x in r),
-                 sum(x.tokens for x in r), batches.seen, sum(x.keep_alive_batches for x in r)]
+                 sum(x.tokens for x in r), batches.seen, self.keep_alive_batches]
         totals = _all_reduce(local + [batches.rejected[reason] for reason in REASONS])
         elapsed = time.perf_counter() - self.since
         stats = r[-1].stats

@@ -41,5 +41,6 @@ def test_train_from_shards_finishes_on_two_cpus(workers, shards, tiny_minicpmv, 
     proc = subprocess.run([sys.executable, "-m", "omni_ray.launch.cli", "train", str(config)],
                           capture_output=True, text=True, timeout=420, env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The result line; Ray may still flush worker log lines to stdout after it.
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"metrics"')))
     assert result["metrics"]["step"] == 2 and result["checkpoint"]
