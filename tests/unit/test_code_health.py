@@ -41,3 +41,9 @@ def test_pylint_finds_no_duplicate_code_in_the_package():
     )
     assert "R0801" not in proc.stdout, proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_test_file_names_are_unique_across_tiers():
+    """tests/ has no __init__.py: two tiers holding test_x.py stop the whole suite at collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
