@@ -41,9 +41,7 @@ FREEZE_MAPS = {
     "last 2 LLM layers": {"llm": {"mode": "full", "last_n_layers": 2}},
     "full": {"vision": "full", "projector": "full", "llm": "full", "embeddings": "full", "lm_head": "full"},
 }
-FULL_CONFIG_CANDIDATES = ("omni_ray/models/reference/MiniCPM-V-4_6/config.json",
-                          "omni_ray/models/reference/minicpmv4_6/config.json",
-                          "/work/shared/models/MiniCPM-V-4_6/config.json")
+FULL_CONFIG_CANDIDATES = ("omni_ray/models/reference/MiniCPM-V-4_6/config.json",)  # the repository's copy
 
 
 def bench_config() -> dict:
