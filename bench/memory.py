@@ -30,9 +30,8 @@ import torch
 
 from omni_ray.config import FreezeConfig, LoraConfig
 from omni_ray.freeze import apply_plan, plan_freeze
-from omni_ray.memory import GiB, Layout, LiveTensorBytes, estimate_memory
+from omni_ray.memory import GiB, Layout, estimate_memory, measured_peak
 from omni_ray.models.spec import get_spec
-from omni_ray.train.loss import head_loss, token_loss_sum
 
 MiB = 2**20
 VOCAB = 248_094
@@ -66,21 +65,8 @@ def model_factory(config: dict, dtype: torch.dtype = torch.float32):
 
 def measure(model, chunked: bool, seq: int, steps: int = 2) -> int:
     """Peak live tensor bytes above the weights over ``steps`` real training steps."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
     ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
-    tracker = LiveTensorBytes()
-    with tracker:
-        for _ in range(steps):
-            if chunked:
-                with head_loss(model.get_output_embeddings(), ids):
-                    loss = model(input_ids=ids, use_cache=False).logits
-            else:
-                loss = token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-    return tracker.peak
+    return measured_peak(model, ids, chunked=chunked, steps=steps)
 
 
 def side_by_side(seq: int) -> dict:

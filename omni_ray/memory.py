@@ -84,6 +84,27 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def measured_peak(model, ids: torch.Tensor, *, chunked: bool, steps: int = 2) -> int:
+    """The estimate's reference: peak live tensor bytes above the weights over ``steps`` real
+    training steps (forward, token loss, backward, AdamW) on ``ids``, chunked loss or full logits."""
+    from omni_ray.train.loss import head_loss, token_loss_sum
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
+    tracker = LiveTensorBytes()
+    with tracker:
+        for _ in range(steps):
+            if chunked:
+                with head_loss(model.get_output_embeddings(), ids):
+                    loss = model(input_ids=ids, use_cache=False).logits
+            else:
+                loss = token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+    return tracker.peak
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one worker holds the model: from the strategy and train sections (``layout_of``)."""

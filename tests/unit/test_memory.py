@@ -13,9 +13,8 @@ import torch
 
 from omni_ray.config import FreezeConfig, LoraConfig
 from omni_ray.freeze import apply_plan, plan_freeze
-from omni_ray.memory import GiB, Layout, LiveTensorBytes, estimate_memory, fits_warning
+from omni_ray.memory import GiB, Layout, estimate_memory, fits_warning, measured_peak
 from omni_ray.models.spec import get_spec
-from omni_ray.train.loss import head_loss, token_loss_sum
 
 VOCAB, BATCH, SEQ = 300, 2, 64
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
@@ -39,21 +38,8 @@ def tiny_minicpmv():
 
 
 def measured_step_peak(model, chunked: bool) -> int:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    tracker = LiveTensorBytes()
-    with tracker:
-        for _ in range(2):
-            if chunked:
-                with head_loss(model.get_output_embeddings(), ids):
-                    loss = model(input_ids=ids, use_cache=False).logits
-            else:
-                loss = token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-    return tracker.peak
+    return measured_peak(model, ids, chunked=chunked)
 
 
 # Three freeze maps, each with one loss path (each fake step costs seconds on 2 cores).
