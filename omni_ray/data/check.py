@@ -28,17 +28,10 @@ STAT_COLUMNS = ["row", "id", "reason", "detail", "num_tokens", "num_images", "nu
 
 def ensure_ray() -> None:
     """Use the running Ray, or the cluster at ``RAY_ADDRESS``, or start a small local one."""
-    import ray
+    from omni_ray.ray_init import connect_or_start
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine. "local":
-    # a fresh Ray of our own, even when another one was started on this machine with `ray start`.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
+    # Read tasks need a CPU beside the preprocessing actor, even on a 2-core machine.
+    connect_or_start(max(os.cpu_count() or 1, 2), {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
 
 
 def check(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None, *,

@@ -56,21 +56,12 @@ def validate(cfg: Config) -> Validated:
 
 def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray sized for this run."""
-    import ray
+    from omni_ray.ray_init import connect_or_start, is_local
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")  # set by `ray job submit` and on cluster nodes
-    if address:
-        # Under `ray job submit` the job's runtime env is already set, and Ray refuses to merge
-        # another one into it; workers get credentials from RunConfig.worker_runtime_env.
-        ray.init(address=address)
-        return
-    check_local_gpus(scaling)
+    if is_local():
+        check_local_gpus(scaling)
     env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **storage.worker_env()}
-    # address="local": a new Ray of this run's size, never a stray `ray start` found on this machine.
-    ray.init(address="local", num_cpus=local_cpus(scaling, data, os.cpu_count() or 1),
-             runtime_env={"env_vars": env}, include_dashboard=False)
+    connect_or_start(local_cpus(scaling, data, os.cpu_count() or 1), env)
 
 
 def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:
