@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 
 from omni_ray.config import ConfigError
 
@@ -79,8 +80,10 @@ class TensorBoardLogger:
         os.makedirs(self.dir, exist_ok=True)
         self._before = set(os.listdir(self.dir))  # earlier processes' files: already in storage
         # One new event file per driver process; a resumed run adds a file to the same folder,
-        # and TensorBoard reads the folder as one series.
-        self.writer = SummaryWriter(logdir=self.dir, flush_secs=30)
+        # and TensorBoard reads the folder as one series, in file-name order. tensorboardX names a
+        # file by the second it was opened, so a driver restarted within that second would
+        # overwrite the first file: the nanosecond suffix keeps names unique and in time order.
+        self.writer = SummaryWriter(logdir=self.dir, flush_secs=30, filename_suffix=f".{time.time_ns()}")
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

@@ -15,7 +15,7 @@ import pytest
 from omni_ray.config import ConfigError
 from omni_ray.observe.console import Progress, is_noise
 from omni_ray.observe.eval import render_page
-from omni_ray.observe.loggers import check_loggers, scalars
+from omni_ray.observe.loggers import TensorBoardLogger, check_loggers, scalars
 from omni_ray.observe.report import build_report, format_report
 from omni_ray.observe.watch import RunWatcher
 
@@ -97,6 +97,21 @@ def test_scalars_and_missing_logger_library():
     check_loggers(["tensorboard"])
     with pytest.raises(ConfigError, match=r"run\.loggers: wandb needs the wandb package.*pip install"):
         check_loggers(["wandb"])
+
+
+def test_a_driver_restarted_within_the_same_second_keeps_the_first_event_file(tmp_path):
+    # tensorboardX names event files by the second; the second writer used to overwrite the first.
+    first = TensorBoardLogger(str(tmp_path))
+    first.log({"train/loss": 1.0}, step=1)
+    first.close()
+    second = TensorBoardLogger(str(tmp_path))
+    second.log({"train/loss": 0.5}, step=2)
+    second.close()
+    assert first.files() != second.files()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(str(tmp_path), "tensorboard")).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
 
 
 def test_watcher_writes_tensorboard_curves_history_and_resumes_without_duplicates(tmp_path, monkeypatch):
