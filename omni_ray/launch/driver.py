@@ -17,6 +17,7 @@ from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
 from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
+from omni_ray.models.processor_check import check_processor_kwargs
 from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
 from omni_ray.storage import RunLocation, StorageConfig
@@ -32,6 +33,7 @@ def validate(cfg: Config) -> Validated:
     """Everything that can be checked without weights: spec, skeleton on meta, freeze plan."""
     hf_config = read_hf_config(cfg.model, cfg.storage)
     spec = resolve_spec(cfg.model, hf_config)
+    check_processor_kwargs(cfg.model, cfg.storage)  # transformers drops unknown ones silently
     if spec.remote_code:
         # The model class is the checkpoint's own code: plan from the stored tensors' names and
         # shapes (index + safetensors headers), without running that code or fetching weights.

@@ -112,3 +112,43 @@ def test_deepspeed_key_list_names_only_keys_deepspeed_reads():
     quoted = set(re.findall(r"""["']([a-z_0-9]+)["']""", source))
     missing = sorted(DEEPSPEED_TOP_LEVEL_KEYS - quoted)
     assert not missing, f"not found in DeepSpeed's source: {missing}"
+
+
+@pytest.fixture(scope="module")
+def minicpmv_processor_dir(tmp_path_factory):
+    """A real MiniCPM-V 4.6 processor saved as a checkpoint holds it (processor_config.json)."""
+    from omni_ray.models.tiny import build_tiny_processor
+
+    out = tmp_path_factory.mktemp("minicpmv_processor")
+    build_tiny_processor("minicpmv4_6").save_pretrained(out)
+    return out
+
+
+def test_garbage_processor_kwarg_is_an_error_naming_it_and_the_valid_names(minicpmv_processor_dir):
+    from omni_ray.config import ModelConfig
+    from omni_ray.models.processor_check import check_processor_kwargs
+
+    # transformers itself drops the misspelt key without a word: the run would train at 112.
+    bad = ModelConfig(path=str(minicpmv_processor_dir), processor={"scale_resolution": 224, "scale_resoluton": 448})
+    with pytest.raises(ConfigError) as err:
+        check_processor_kwargs(bad)
+    message = str(err.value)
+    assert message.startswith("model.processor.scale_resoluton: not a setting of this checkpoint's processor")
+    assert "MiniCPMV4_6ImageProcessor" in message and "'scale_resolution'" in message
+    assert "'max_slice_nums'" in message and "'stack_frames'" in message  # image and video processor settings
+    # Settings of the image processor, the video processor and the processor itself pass.
+    check_processor_kwargs(ModelConfig(path=str(minicpmv_processor_dir),
+                                       processor={"scale_resolution": 224, "max_num_frames": 8, "slice_mode": True}))
+
+
+def test_processor_kwargs_checked_in_the_legacy_preprocessor_layout(tmp_path):
+    """Older checkpoints keep the image processor alone in preprocessor_config.json."""
+    from omni_ray.config import ModelConfig
+    from omni_ray.models.processor_check import check_processor_kwargs
+    from omni_ray.models.tiny import build_tiny_processor
+
+    build_tiny_processor("llava").image_processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").exists() and not (tmp_path / "processor_config.json").exists()
+    check_processor_kwargs(ModelConfig(path=str(tmp_path), processor={"crop_size": 32}))
+    with pytest.raises(ConfigError, match=r"model.processor.crop_sise: .*CLIPImageProcessor.*'crop_size'"):
+        check_processor_kwargs(ModelConfig(path=str(tmp_path), processor={"crop_sise": 32}))
