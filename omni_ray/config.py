@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from omni_ray.errors import UserError
 from omni_ray.storage import StorageConfig, url_credentials_error
@@ -357,9 +357,26 @@ class ScalingConfig(Section):
         "it. Default: the GPU detected on the machine that runs validate."
     )
     gpu_wait_timeout_s: float = Field(
-        900.0, gt=0, description="On a cluster, how long to wait for GPU nodes to join (scale from zero) before "
-        "failing with a named error instead of waiting silently.",
+        900.0, gt=0, description="On a cluster, how long to wait for nodes with the workers' GPUs or custom "
+        "resources to join (scale from zero) before failing with a named error instead of waiting silently.",
     )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _worker_resources(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        # Ray Train raises these only once Ray is up; here they name the key before anything starts.
+        negative = sorted(k for k, v in value.items() if v < 0)
+        if negative:
+            raise ValueError(f"{negative} below 0; give each resource one worker reserves as 0 or more")
+        use_gpu = info.data.get("use_gpu", False)
+        if value and not use_gpu and value.get("GPU", 0) > 0:
+            raise ValueError("GPU set but scaling.use_gpu is false; set scaling.use_gpu: true or remove GPU "
+                             "(a custom resource, e.g. {CPU: 1, spot_gpu: 1}, places workers on a node type "
+                             "without CUDA)")
+        if value and use_gpu and value.get("GPU", 1) == 0:
+            raise ValueError("GPU is 0 but scaling.use_gpu is true; remove GPU (one per worker) or set "
+                             "scaling.use_gpu: false")
+        return value
 
 
 class RunConfig(Section):

@@ -10,6 +10,7 @@ never rewritten.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from omni_ray.models.processor_check import check_processor_kwargs
 from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
 from omni_ray.storage import RunLocation, StorageConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,25 +79,53 @@ def local_cpus(scaling: ScalingConfig, data: DataConfig, cores: int) -> int:
     return max(cores, int(needed + 0.999))
 
 
+def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
+    """What one training worker reserves, the way Ray Train's ScalingConfig computes it."""
+    bundle = {k: v for k, v in scaling.resources_per_worker.items() if v}
+    if not bundle:
+        bundle = {"GPU": 1.0} if scaling.use_gpu else {"CPU": 1.0}
+    if scaling.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return bundle
+
+
+def node_resources_wanted(scaling: ScalingConfig) -> dict[str, float]:
+    """Run-wide totals of what only some nodes have: GPUs and custom resources (a node type's
+    accelerator label, e.g. ``spot_gpu``). These are what a cluster may scale up from zero for."""
+    return {k: v * scaling.num_workers for k, v in worker_bundle(scaling).items()
+            if k not in ("CPU", "memory", "object_store_memory")}
+
+
 def check_local_gpus(scaling: ScalingConfig) -> None:
-    """A local Ray has exactly this machine's GPUs: asking for more would wait forever."""
+    """A local Ray has exactly this machine's GPUs and no custom resources: asking for more would wait forever."""
+    wanted = node_resources_wanted(scaling)
+    custom = sorted(k for k in wanted if k != "GPU")
+    if custom:
+        raise ConfigError(f"scaling.resources_per_worker: {custom} are resources of a cluster's node types and a "
+                          "local Ray has none; remove them to train on this machine, or submit to the cluster whose "
+                          "nodes declare them (RAY_ADDRESS)")
     if not scaling.use_gpu:
         return
     import torch
 
     have = torch.cuda.device_count()
-    want = scaling.num_workers * scaling.resources_per_worker.get("GPU", 1.0)
+    want = wanted["GPU"]
     if have < want:
         raise ConfigError(f"scaling.use_gpu: {scaling.num_workers} workers need {want:g} GPUs but this machine has "
                           f"{have}; set scaling.use_gpu: false to train on CPUs, lower scaling.num_workers, or "
                           "submit to a GPU cluster (RAY_ADDRESS)")
 
 
-def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> None:
-    """On a cluster, ask the autoscaler for the GPU workers and wait for them, up to a named timeout.
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {'GPUs' if k == 'GPU' else k}" for k, v in sorted(resources.items()))
+
+
+def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> bool:
+    """On a cluster, ask the autoscaler for the workers' GPU (or custom-resource) nodes and wait for
+    them, up to a named timeout. Returns whether it asked (``release_nodes`` undoes the request).
 
     GPU node groups often scale from zero: the GPUs appear only after the autoscaler sees a
-    request. Without a bound, a cluster that cannot get GPU nodes (quota, no spot capacity, a
+    request. Without a bound, a cluster that cannot get those nodes (quota, no spot capacity, a
     wrong node type) leaves the run pending forever with no word.
     """
     import time
@@ -102,21 +133,39 @@ def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> None:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    per_worker = scaling.resources_per_worker.get("GPU", 1.0)
-    want = scaling.num_workers * per_worker
-    if ray.cluster_resources().get("GPU", 0.0) >= want:
-        return
-    request_resources(bundles=[{"GPU": per_worker}] * scaling.num_workers)
+    wanted = node_resources_wanted(scaling)
+
+    def short() -> dict[str, float]:
+        total = ray.cluster_resources()
+        return {k: total.get(k, 0.0) for k, v in wanted.items() if total.get(k, 0.0) < v}
+
+    if not short():
+        return False
+    logger.info("waiting up to %gs for nodes with %s (scaling.gpu_wait_timeout_s)", scaling.gpu_wait_timeout_s,
+                _amounts(wanted))
+    # The request stays while the run lasts: a node lost mid-run is replaced even before Ray
+    # Train asks again.
+    request_resources(bundles=[worker_bundle(scaling)] * scaling.num_workers)
     deadline = time.monotonic() + scaling.gpu_wait_timeout_s
     while time.monotonic() < deadline:
         time.sleep(poll_s)
-        if ray.cluster_resources().get("GPU", 0.0) >= want:
-            return
-    have = ray.cluster_resources().get("GPU", 0.0)
+        if not short():
+            return True
     raise ConfigError(
-        f"scaling.gpu_wait_timeout_s: waited {scaling.gpu_wait_timeout_s:g}s for {want:g} GPUs and the cluster has "
-        f"{have:g}; check the cluster's GPU worker group (max replicas, instance type, spot capacity, quota), lower "
-        "scaling.num_workers, or raise scaling.gpu_wait_timeout_s")
+        f"scaling.gpu_wait_timeout_s: waited {scaling.gpu_wait_timeout_s:g}s for {_amounts(wanted)} and the cluster "
+        f"has {_amounts(short())}; check the cluster's GPU worker group (max replicas, instance type, spot "
+        "capacity, quota) and that a node type declares these resources, lower scaling.num_workers, or raise "
+        "scaling.gpu_wait_timeout_s")
+
+
+def release_nodes() -> None:
+    """Withdraw wait_for_gpus's request, so the autoscaler may scale the nodes down once idle.
+
+    Ray keeps one such request per cluster (each call replaces the last): a run that asked clears it.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
 
 
 def train(cfg: Config, verbose: bool = False):
@@ -137,8 +186,7 @@ def train(cfg: Config, verbose: bool = False):
     quiet_driver(verbose)
     validate(cfg)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
-    if cfg.scaling.use_gpu:
-        wait_for_gpus(cfg.scaling)
+    asked = wait_for_gpus(cfg.scaling)
     num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
@@ -166,5 +214,9 @@ def train(cfg: Config, verbose: bool = False):
         ),
         datasets={"train": dataset},
     )
-    with watcher:
-        return trainer.fit()
+    try:
+        with watcher:
+            return trainer.fit()
+    finally:
+        if asked:
+            release_nodes()

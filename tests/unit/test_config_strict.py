@@ -39,6 +39,12 @@ BAD = [
     ("nan-dropout", "lora: {dropout: .nan}\n", ["lora.dropout", "finite"]),
     ("inf-in-dict", "freeze: {lr: {projector: .inf}}\n", ["freeze.lr.projector", "finite"]),
     ("bool-resources", "scaling: {resources_per_worker: {CPU: true}}\n", ["scaling.resources_per_worker.CPU"]),
+    ("negative-resource", "scaling: {resources_per_worker: {CPU: 1, spot_gpu: -1}}\n",
+     ["scaling.resources_per_worker", "spot_gpu", "0 or more"]),
+    ("gpu-resource-without-use-gpu", "scaling: {resources_per_worker: {GPU: 1}}\n",
+     ["scaling.resources_per_worker", "scaling.use_gpu: true", "custom resource"]),
+    ("zero-gpu-with-use-gpu", "scaling: {use_gpu: true, resources_per_worker: {CPU: 2, GPU: 0}}\n",
+     ["scaling.resources_per_worker", "GPU is 0", "scaling.use_gpu: false"]),
     ("float-as-int", "train: {grad_accum: 2.5}\n", ["train.grad_accum", "whole number"]),
     ("last-n-on-frozen", "freeze: {vision: {mode: frozen, last_n_layers: 4}}\n",
      ["freeze.vision.last_n_layers", "frozen", "set freeze.vision.mode"]),
@@ -73,6 +79,10 @@ def test_bad_config_is_an_error_naming_the_key_and_the_fix(tmp_path, extra, word
 GOOD = [
     # (id, yaml, check on the loaded Config)
     ("exponent-without-dot", "train: {lr: 2e-5}\n", lambda c: c.train.lr == 2e-5),
+    ("custom-worker-resource", "scaling: {num_workers: 2, resources_per_worker: {CPU: 1, spot_gpu: 1}}\n",
+     lambda c: c.scaling.resources_per_worker == {"CPU": 1.0, "spot_gpu": 1.0}),
+    ("gpu-count-with-use-gpu", "scaling: {use_gpu: true, resources_per_worker: {CPU: 4, GPU: 2}}\n",
+     lambda c: c.scaling.resources_per_worker["GPU"] == 2.0),
     ("int-for-float", "train: {lr: 1, max_grad_norm: 2}\n", lambda c: c.train.max_grad_norm == 2.0),
     ("lora-on-llm-via-flags", "tune_llm: false\nuse_lora: true\nlora: {per_group: {llm: {r: 4}}}\n",
      lambda c: c.freeze.llm.mode == "lora" and c.lora.per_group["llm"]["r"] == 4),
