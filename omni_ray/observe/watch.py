@@ -150,7 +150,12 @@ class RunWatcher:
         import ray
 
         if self._inbox is None:
-            self._inbox = ray.remote(num_cpus=0)(_Inbox).remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the driver's node: a zero-CPU actor may otherwise land on a spot node, and the
+            # run's reports would die with it (a lost node ended a finished run with ActorDiedError).
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._inbox = ray.remote(num_cpus=0)(_Inbox).options(scheduling_strategy=here).remote()
         return ReportForwarder(self._inbox)
 
     def _drain(self) -> None:

@@ -32,10 +32,10 @@ pytestmark = pytest.mark.dist
 
 SPOT_NODE = {"resources": {"CPU": 1, "spot_gpu": 1, "object_store_memory": 100 * 1024 * 1024},
              "node_config": {}, "min_workers": 0, "max_workers": 2}
-MAX_STEPS = 8
+MAX_STEPS = 6
 
 
-def test_spot_node_lost_mid_run_is_replaced_and_the_run_finishes_on_the_uninterrupted_weights(
+def test_spot_node_lost_mid_run_is_replaced_and_the_run_finishes_from_its_checkpoint(
         tiny_minicpmv, color_data, tmp_path):
     proc = subprocess.run([sys.executable, __file__, str(tiny_minicpmv), str(color_data[0]), str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
@@ -45,13 +45,19 @@ def test_spot_node_lost_mid_run_is_replaced_and_the_run_finishes_on_the_uninterr
     assert got["infeasible_wait"].startswith("scaling.gpu_wait_timeout_s: waited 3s for 1 big_gpu and the cluster "
                                              "has 0 big_gpu"), got["infeasible_wait"]
     assert got["spot_gpu_before"] == 0, "the spot group starts at zero nodes"
-    # The run's own wait brought the first spot node; the kill took it; the autoscaler added another.
-    assert got["spot_nodes_alive"] == [False, True], got["spot_nodes_alive"]
+    # The run's own wait brought the first spot node; the kill took it; the autoscaler launched another.
+    lost, spot_nodes = got["lost_node"], got["spot_nodes"]
+    assert spot_nodes[lost] is False and list(spot_nodes.values()).count(True) == 1, spot_nodes
     assert got["error"] is None and got["final_step"] == MAX_STEPS
-    # It came back from a checkpoint taken before the kill, not from scratch.
-    assert 2 <= got["resumed_from_step"] <= got["killed_after_step"] < MAX_STEPS, got
-    # Same seed and data order, exact optimizer state: the uninterrupted run's tensors, up to float32 rounding.
-    assert got["tensors"] > 0 and got["max_abs_diff"] <= 1e-5, got
+    # It came back from the checkpoint taken before the kill (the node was frozen, then killed, so
+    # no later one exists), not from scratch...
+    assert got["resumed_from_step"] == got["killed_after_step"] < MAX_STEPS, got
+    # ...and trained the schedule's samples once each across the loss: 2 per step, those before the
+    # checkpoint not again.
+    assert len(got["consumed"]) == MAX_STEPS * 2, got["consumed"]
+    assert got["samples_seen"] == (MAX_STEPS - got["resumed_from_step"]) * 2, got
+    # Weights equal to an uninterrupted run's after a kill and resume are asserted by
+    # tests/dist/test_chaos.py (the same restart path); a reference run here would cost another minute.
 
 
 def test_custom_resources_on_a_local_ray_are_refused_at_once():
@@ -120,31 +126,42 @@ def _checkpoint_steps(out: str, name: str) -> list[int]:
     return sorted(json.loads(m.read_text())["step"] for m in Path(out, name).glob("checkpoint_*/manifest.json"))
 
 
-def _kill_spot_raylet_after_a_checkpoint(out: str, name: str, runner: threading.Thread) -> int:
-    """SIGKILL the raylet of the node holding spot_gpu once a checkpoint exists; returns that step."""
+def _kill_spot_node_after_a_checkpoint(out: str, name: str, runner: threading.Thread) -> tuple[int, str]:
+    """Once a checkpoint exists, SIGKILL the spot node's raylet and every process it started (the
+    training worker among them), as a reclaimed instance takes them all; returns that checkpoint's step
+    and the node's id."""
     import psutil
 
     while runner.is_alive():
         steps = _checkpoint_steps(out, name)
-        if steps:
-            for proc in psutil.Process(os.getpid()).children(recursive=True):
-                try:
-                    if proc.name() == "raylet" and "spot_gpu" in " ".join(proc.cmdline()):
-                        print(f"checkpoint at step {steps[-1]}; killing the spot node's raylet {proc.pid}",
-                              file=sys.stderr, flush=True)
-                        proc.send_signal(signal.SIGKILL)
-                        return steps[-1]
-                except psutil.Error:
-                    continue
+        raylets = [p for p in psutil.Process(os.getpid()).children(recursive=True) if _is_spot_raylet(p)]
+        if steps and raylets:
+            import ray
+
+            lost = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("spot_gpu"))
+            node = [raylets[0], *raylets[0].children(recursive=True)]
+            for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: no worker outlives its raylet
+                for proc in node:
+                    try:
+                        proc.send_signal(sig)
+                    except psutil.Error:
+                        pass
+                steps = _checkpoint_steps(out, name)
+            print(f"killed the spot node (raylet {raylets[0].pid}, {len(node) - 1} workers) after the checkpoint "
+                  f"at step {steps[-1]}", file=sys.stderr, flush=True)
+            return steps[-1], lost
+
         time.sleep(0.05)
     raise AssertionError("the run ended before a checkpoint to kill after")
 
 
-def _spot_nodes_alive() -> list[bool]:
-    """Alive flag of every node that ever had spot_gpu (Ray keeps dead nodes in its table), dead first."""
-    import ray
+def _is_spot_raylet(proc) -> bool:
+    import psutil
 
-    return sorted(n["Alive"] for n in ray.nodes() if n["Resources"].get("spot_gpu") or "spot" in str(n.get("Labels")))
+    try:
+        return proc.name() == "raylet" and "spot_gpu" in " ".join(proc.cmdline())
+    except psutil.Error:  # exited while we looked
+        return False
 
 
 def _infeasible_wait() -> str:
@@ -161,23 +178,26 @@ def _infeasible_wait() -> str:
 
 def scenario(model_dir: str, train_jsonl: str, out: str) -> dict:
     import ray
-    from safetensors.torch import load_file
+    import torch
 
+    from omni_ray.data.position import PositionSet
     from omni_ray.launch.driver import train
 
+    head = ray.get_runtime_context().get_node_id()  # the driver's: every other node is a spot node
     found: dict = {"infeasible_wait": _infeasible_wait(), "spot_gpu_before": ray.cluster_resources().get("spot_gpu", 0)}
     box: dict = {}
     runner = threading.Thread(target=lambda: box.update(result=train(_config(model_dir, train_jsonl, out, "spot"))))
     runner.start()
-    found["killed_after_step"] = _kill_spot_raylet_after_a_checkpoint(out, "spot", runner)
+    found["killed_after_step"], found["lost_node"] = _kill_spot_node_after_a_checkpoint(out, "spot", runner)
     runner.join()
     result = box["result"]
     found.update(final_step=result.metrics["step"], resumed_from_step=result.metrics["resumed_from_step"],
-                 error=None if result.error is None else str(result.error), spot_nodes_alive=_spot_nodes_alive())
-    reference = train(_config(model_dir, train_jsonl, out, "spot-reference"))  # on the replacement node
-    ref, got = (load_file(os.path.join(r.checkpoint.to_directory(), "weights.safetensors")) for r in (reference, result))
-    found["tensors"] = len(ref) if ref.keys() == got.keys() else -1
-    found["max_abs_diff"] = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+                 samples_seen=result.metrics["samples_seen"],
+                 error=None if result.error is None else str(result.error),
+                 spot_nodes={n["NodeID"]: n["Alive"] for n in ray.nodes() if n["NodeID"] != head})
+    state = torch.load(os.path.join(result.checkpoint.to_directory(), "train_state.pt"), weights_only=True)
+    found["consumed"] = sorted(i for start, stop in PositionSet.from_json(state["consumed"]).ranges()
+                               for i in range(start, stop))
     return found
 
 
@@ -188,6 +208,7 @@ def main(model_dir: str, train_jsonl: str, out: str) -> None:
     workdir = tempfile.mkdtemp(prefix="spot-cluster-")
     cluster = _start_cluster(workdir)
     try:
+        os.environ["RAY_ADDRESS"] = cluster.address  # Ray's own helper actors look for "the" cluster otherwise
         ray.init(address=cluster.address)
         print(json.dumps(scenario(model_dir, train_jsonl, out)), flush=True)
     finally:
