@@ -43,7 +43,7 @@ def run(cluster, model_dir: str, train_jsonl: str, out: str) -> None:
         "model": {"path": model_dir, "dtype": "float32"},
         "data": {"train": train_jsonl, "model_max_length": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 12, "micro_batch_size": 2, "lr": 1e-3, "precision": "fp32", "log_every": 1},
+        "train": {"max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "precision": "fp32", "log_every": 1},
         "checkpoint": {"every_n_steps": None, "keep": None, "async_upload": False},
         "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1, "spot": 1}, "max_failures": 0},
         "run": {"name": "preempted", "storage_path": out},

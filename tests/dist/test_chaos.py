@@ -22,6 +22,9 @@ from test_fault_tolerance import make_config, proxy, run_in_thread, trained_tens
 pytestmark = pytest.mark.dist
 
 
+_MANIFEST_STEPS: dict[str, int] = {}  # checkpoint dir -> its manifest's step (manifests never change)
+
+
 def latest_step(s3, cfg) -> tuple[int, bool]:
     """(newest checkpoint step with a manifest, whether some checkpoint directory lacks one: an upload).
 
@@ -33,22 +36,32 @@ def latest_step(s3, cfg) -> tuple[int, bool]:
         Bucket=s3.bucket, Prefix=prefix) for o in page.get("Contents", [])]
     dirs = {k.split("/")[0] for k in keys if k.startswith("checkpoint_")}
     whole = {k.split("/")[0] for k in keys if k.endswith("/manifest.json")}
-    steps = [json.loads(client.get_object(Bucket=s3.bucket, Key=f"{prefix}{d}/manifest.json")["Body"].read())["step"]
-             for d in whole]
-    return max(steps, default=-1), bool(dirs - whole)
+    for d in whole:
+        if prefix + d not in _MANIFEST_STEPS:
+            body = client.get_object(Bucket=s3.bucket, Key=f"{prefix}{d}/manifest.json")["Body"].read()
+            _MANIFEST_STEPS[prefix + d] = json.loads(body)["step"]
+    return max((_MANIFEST_STEPS[prefix + d] for d in whole), default=-1), bool(dirs - whole)
 
 
-def kill_a_worker(rng: random.Random) -> None:
-    """SIGKILL one of this test's own training workers (its Ray cluster descends from this process)."""
-    workers = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:  # exited (or a zombie) while we looked
-            continue
-    if workers:
-        rng.choice(workers).send_signal(signal.SIGKILL)
+def kill_a_worker(rng: random.Random, timeout: float = 300) -> int:
+    """SIGKILL one of this test's own training workers (its Ray cluster descends from this process).
+
+    Right after an earlier kill the worker group may still be restarting: wait for its workers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = []
+        for proc in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    workers.append(proc)
+            except psutil.Error:  # exited (or a zombie) while we looked
+                continue
+        if workers:
+            victim = rng.choice(workers)
+            victim.send_signal(signal.SIGKILL)
+            return victim.pid
+        time.sleep(0.1)
+    raise AssertionError("no training worker to kill")
 
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
@@ -56,7 +69,15 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
     while not condition():
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.1)
+
+
+STEPS = 10  # of the 16 in one epoch: enough for four events at random steps, short enough for CI
+
+
+def chaos_config(s3, proxy, tiny_minicpmv, color_data, name):
+    cfg = make_config(s3, proxy, tiny_minicpmv, color_data, name, max_steps=STEPS)
+    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every_n_steps": 1})})
 
 
 def test_three_kills_and_an_s3_outage_end_on_the_uninterrupted_weights(
@@ -64,19 +85,21 @@ def test_three_kills_and_an_s3_outage_end_on_the_uninterrupted_weights(
     seed = int(os.environ.get("OMNI_RAY_CHAOS_SEED", time.time_ns() % 100_000))
     print(f"chaos seed {seed} (replay with OMNI_RAY_CHAOS_SEED={seed})")
     rng = random.Random(seed)
-    reference = train(make_config(s3, proxy, tiny_minicpmv, color_data, "chaos-reference"))
+    reference = train(chaos_config(s3, proxy, tiny_minicpmv, color_data, "chaos-reference"))
     assert reference.error is None
     total = reference.metrics["step"]
+    assert total == STEPS
 
-    cfg = make_config(s3, proxy, tiny_minicpmv, color_data, f"chaos-{seed}")
+    cfg = chaos_config(s3, proxy, tiny_minicpmv, color_data, f"chaos-{seed}")
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_failures": 6})})
-    # Checkpoints come every 2 steps: kill after three random ones, cut S3 during another's upload.
-    events = sorted(rng.sample(range(2, total - 1, 2), 4))
+    # A checkpoint every step: kill after three random ones, cut S3 during another's upload.
+    events = sorted(rng.sample(range(1, total - 1), 4))
     outage_at = rng.choice(events)
+    print(f"chaos seed {seed}: kills after steps {[e for e in events if e != outage_at]}, S3 outage after {outage_at}")
     thread, box = run_in_thread(cfg)
     for step in events:
         if step == outage_at:
-            wait_for(lambda: latest_step(s3, cfg)[0] >= step - 2 and latest_step(s3, cfg)[1],
+            wait_for(lambda: latest_step(s3, cfg)[0] >= step - 1 and latest_step(s3, cfg)[1],
                      f"an upload after step {step}")
             proxy.down()
             time.sleep(1.5)

@@ -9,6 +9,7 @@ that is the stronger attack) or changes the config under a resume.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ def trained(tiny_minicpmv, color_data, tmp_path_factory):
     train_jsonl, _ = color_data
     cfg = _config(tiny_minicpmv, train_jsonl, tmp_path_factory.mktemp("runs"))
     pre = Preprocess(cfg.model, None, cfg.data.model_max_length)
-    rows = [pre.process_row(r) for r in json_rows(str(train_jsonl), None)][:16]
+    rows = [pre.process_row(r) for r in itertools.islice(json_rows(str(train_jsonl), None), 16)]  # not all 64
     session = _train(cfg, rows)
     checkpoint = [r["checkpoint"] for r in session.reports if r["checkpoint"]][-1]
     return cfg, rows, Path(checkpoint)

@@ -17,6 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
+STEPS = 8  # train.max_steps in preemption_scenario.py
+
 
 def test_drain_notice_triggers_one_checkpoint(tiny_minicpmv, color_data, tmp_path):
     script = Path(__file__).with_name("preemption_scenario.py")
@@ -24,7 +26,7 @@ def test_drain_notice_triggers_one_checkpoint(tiny_minicpmv, color_data, tmp_pat
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["error"] is None and result["final_step"] == 12
+    assert result["error"] is None and result["final_step"] == STEPS
     steps = result["checkpoint_steps"]
-    assert steps[-1] == 12
-    assert len(steps) == 2 and 1 <= steps[0] < 12, f"one checkpoint on the notice, one at the end: {steps}"
+    assert steps[-1] == STEPS
+    assert len(steps) == 2 and 1 <= steps[0] < STEPS, f"one checkpoint on the notice, one at the end: {steps}"
