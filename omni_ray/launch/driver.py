@@ -120,7 +120,7 @@ def _amounts(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {'GPUs' if k == 'GPU' else k}" for k, v in sorted(resources.items()))
 
 
-def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 5.0) -> bool:
+def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 1.0) -> bool:
     """On a cluster, ask the autoscaler for the workers' GPU (or custom-resource) nodes and wait for
     them, up to a named timeout. Returns whether it asked (``release_nodes`` undoes the request).
 

@@ -425,7 +425,7 @@ def find_latest(run_uri: str, storage: StorageConfig | None = None) -> tuple[int
         raise StorageError(f"{run_uri}: cannot list the run's checkpoints ({err}); check storage.endpoint_url, "
                            "the bucket and this node's credentials (AWS_* environment, instance profile, IRSA)") from err
     present = set(files)
-    best, unfinished = None, []
+    candidates, unfinished = [], []
     for directory in sorted({rel.split("/")[0] for rel in files if rel.startswith("checkpoint_") and "/" in rel}):
         if f"{directory}/{MANIFEST}" not in present:
             unfinished.append(directory)
@@ -437,10 +437,23 @@ def find_latest(run_uri: str, storage: StorageConfig | None = None) -> tuple[int
         if not all(f"{directory}/{name}" in present for name in manifest["files"]):
             unfinished.append(directory)
             continue
-        if best is None or manifest["step"] > best[0]:
-            best = (manifest["step"], uri)
+        candidates.append((manifest["step"], uri, directory))
+    best = None
+    for step, uri, directory in sorted(candidates, reverse=True):
+        # An S3 object appears whole or not at all; a file on a shared filesystem appears under
+        # its name while it is still being copied (a node lost mid-copy leaves it short), so
+        # local checkpoints are checked against their checksums, newest first, until one passes.
+        if not st.is_remote(uri):
+            try:
+                read_manifest(uri)
+            except CheckpointError:
+                unfinished.append(directory)
+                continue
+        best = (step, uri)
+        break
     if unfinished:
-        log.warning("skipping unfinished checkpoint(s) under %s (no manifest or files missing): %s; using %s",
+        log.warning("skipping unfinished checkpoint(s) under %s (no manifest, files missing or cut short): %s; "
+                    "using %s",
                     run_uri, ", ".join(unfinished), best[1] if best else "none")
     return best
 

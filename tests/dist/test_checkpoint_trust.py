@@ -253,6 +253,22 @@ def test_newest_checkpoint_without_manifest_is_skipped_with_a_warning(trained, t
     assert ckpt.find_latest(str(tmp_path / "no-such-run")) is None
 
 
+def test_newest_checkpoint_cut_short_mid_copy_is_skipped(trained, tmp_path, caplog):
+    """A node lost while Ray Train copied a checkpoint onto a shared filesystem leaves every file
+    under its name, one of them short: that is no checkpoint to resume from (spot test found it)."""
+    _, _, checkpoint = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir / "checkpoint_000001")
+    cut = Path(shutil.copytree(checkpoint, run_dir / "checkpoint_000002"))
+    manifest = json.loads((cut / ckpt.MANIFEST).read_text())
+    (cut / ckpt.MANIFEST).write_text(json.dumps({**manifest, "step": manifest["step"] + 1}))
+    weights = (cut / ckpt.WEIGHTS).read_bytes()
+    (cut / ckpt.WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    with caplog.at_level(logging.WARNING, logger="omni_ray.train.checkpoint"):
+        assert ckpt.find_latest(str(run_dir)) == (manifest["step"], str(run_dir / "checkpoint_000001"))
+    assert "checkpoint_000002" in caplog.text and "cut short" in caplog.text
+
+
 def test_storage_errors_are_not_read_as_no_checkpoint():
     # Nothing listens on port 1: a network error, which must not become "start from step 0".
     dead = st.StorageConfig(endpoint_url="http://127.0.0.1:1", max_attempts=1)

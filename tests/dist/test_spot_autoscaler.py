@@ -39,7 +39,12 @@ def test_spot_node_lost_mid_run_is_replaced_and_the_run_finishes_from_its_checkp
         tiny_minicpmv, color_data, tmp_path):
     proc = subprocess.run([sys.executable, __file__, str(tiny_minicpmv), str(color_data[0]), str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    log = tmp_path / "scenario.log"
+    log.write_text(proc.stdout + proc.stderr)
+    # Ray's own lines drown the scenario's: show its progress and the first error (full log kept).
+    lines = [line for line in log.read_text().splitlines() if line.startswith(("[spot", "Traceback", "  File "))
+             or "Error" in line]
+    assert proc.returncode == 0, f"full log: {log}\n" + "\n".join(lines[:60])
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # Scaling from zero with no node type that has the resource: a named error, not a silent wait.
     assert got["infeasible_wait"].startswith("scaling.gpu_wait_timeout_s: waited 3s for 1 big_gpu and the cluster "
@@ -70,6 +75,14 @@ def test_custom_resources_on_a_local_ray_are_refused_at_once():
 
 
 # ---- the scenario (child process) ----------------------------------------------------------------
+
+
+_START = time.monotonic()
+
+
+def _say(what: str) -> None:
+    """Progress on stderr with seconds since the scenario started (where the time goes)."""
+    print(f"[spot {time.monotonic() - _START:6.1f}s] {what}", file=sys.stderr, flush=True)
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
@@ -147,8 +160,8 @@ def _kill_spot_node_after_a_checkpoint(out: str, name: str, runner: threading.Th
                     except psutil.Error:
                         pass
                 steps = _checkpoint_steps(out, name)
-            print(f"killed the spot node (raylet {raylets[0].pid}, {len(node) - 1} workers) after the checkpoint "
-                  f"at step {steps[-1]}", file=sys.stderr, flush=True)
+            _say(f"killed the spot node (raylet {raylets[0].pid}, {len(node) - 1} workers) after the checkpoint "
+                 f"at step {steps[-1]}")
             return steps[-1], lost
 
         time.sleep(0.05)
@@ -187,9 +200,11 @@ def scenario(model_dir: str, train_jsonl: str, out: str) -> dict:
     found: dict = {"infeasible_wait": _infeasible_wait(), "spot_gpu_before": ray.cluster_resources().get("spot_gpu", 0)}
     box: dict = {}
     runner = threading.Thread(target=lambda: box.update(result=train(_config(model_dir, train_jsonl, out, "spot"))))
+    _say("cluster up, infeasible wait done; training starts")
     runner.start()
     found["killed_after_step"], found["lost_node"] = _kill_spot_node_after_a_checkpoint(out, "spot", runner)
     runner.join()
+    _say("run finished")
     result = box["result"]
     found.update(final_step=result.metrics["step"], resumed_from_step=result.metrics["resumed_from_step"],
                  samples_seen=result.metrics["samples_seen"],
