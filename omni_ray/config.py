@@ -345,7 +345,12 @@ class CheckpointConfig(Section):
 class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="What one training worker reserves (Ray Train's resources_per_worker), "
+        "e.g. {CPU: 4, GPU: 1}, or a custom resource only some node type has ({CPU: 1, spot_gpu: 1}); on a cluster "
+        "the driver asks the autoscaler for such nodes and waits scaling.gpu_wait_timeout_s. Default: one CPU, "
+        "or one GPU with use_gpu.",
+    )
     max_failures: int = Field(
         3, ge=-1, description="Worker failures (errors, killed processes, lost nodes) to recover from; -1: unlimited."
     )
