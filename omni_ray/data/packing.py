@@ -123,7 +123,7 @@ def pack_row(samples: list[dict], image_inputs: dict[str, int], keep_alive: dict
     return batch
 
 
-def pack_samples(samples: list[dict], pack_tokens: int, image_inputs: dict[str, int],
+def pack_samples(samples: list[dict], pack_tokens: int, image_inputs: dict[str, int], *,
                  keep_alive: dict | None = None) -> list[dict]:
     """Pack processed samples into rows of at most ``pack_tokens`` tokens: one batch dict per row.
 

@@ -50,7 +50,7 @@ class Batcher:
         """Packed rows of ``samples``; the keep-alive-only batch when every sample was rejected."""
         if not samples:
             return [self(())]
-        return pack_samples(samples, self.pack_tokens, self.image_inputs, self.keep_alive)
+        return pack_samples(samples, self.pack_tokens, self.image_inputs, keep_alive=self.keep_alive)
 
 
 @dataclass
