@@ -11,6 +11,9 @@ Run: python -m pytest -q tests/dist/test_packing_train.py
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from omni_ray.config import load_config
@@ -55,3 +58,36 @@ def test_packed_training_takes_the_same_steps(setup, tmp_path):
     assert all(r["useful_token_fraction"] == 1.0 for r in packed)
     assert all(r["useful_token_fraction"] < 1.0 for r in padded)
     assert all(r["tokens_per_step"] > 0 for r in packed)
+
+
+@pytest.mark.dist
+def test_two_workers_train_packed_rows(ray_local, tiny_minicpmv, color_data, tmp_path):
+    """FSDP2 on 2 Ray workers with packing, where the ranks need different numbers of rows.
+
+    Four samples, two per rank: three short (~40 tokens) and one long. Rows of 80 tokens hold two
+    short samples but not the long one with another, so whichever rank gets the long sample runs
+    two forwards and the other one. The loop gives the other rank an empty (keep-alive) batch so
+    both run two (FSDP2 gathers and reduces per forward and backward): without it the run hangs.
+    """
+    from omni_ray.launch.driver import train, validate
+
+    train_jsonl, _ = color_data
+    records = [json.loads(line) for line in Path(train_jsonl).read_text().splitlines()[:4]]
+    records[3]["conversations"][1]["content"] = "it is " + " and ".join(["red green blue yellow"] * 3)
+    data = Path(train_jsonl).parent / "mixed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = load_config({
+        "model": {"path": str(tiny_minicpmv), "dtype": "float32"},
+        "data": {"train": str(data), "model_max_length": 80, "packing": True, "pack_tokens": 80, "shuffle": False},
+        "freeze": {"vision": "frozen", "projector": "full", "llm": "full"},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "lr": 5e-3, "precision": "fp32", "log_every": 1},
+        "checkpoint": {"async_upload": False},
+        "scaling": {"num_workers": 2, "max_failures": 0},
+        "run": {"name": "packed-2w", "storage_path": str(tmp_path / "runs")},
+    })
+    validate(cfg)
+    result = train(cfg)
+    assert result.error is None
+    metrics = result.metrics
+    assert metrics["step"] == 1 and metrics["samples_seen"] == 4 and metrics["useful_token_fraction"] == 1.0
+    assert metrics["vision_keep_alive_batches"] == 1  # the rank with one row ran one empty batch
