@@ -20,7 +20,7 @@ from omni_ray.config import load_config
 from omni_ray.models.tiny import build_tiny
 from local_training import processed_rows, train_locally, write_dataset
 
-STEPS = 3
+STEPS = 2
 
 
 @pytest.fixture(scope="module")
