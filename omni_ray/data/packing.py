@@ -55,11 +55,16 @@ class PackingRule:
 
 PACKING_RULES: dict[str, PackingRule] = {
     # Qwen3.5 text layers: 1-D positions; the vision tower is called without the text kwargs.
+    # (MiniCPM-V 4.7 is not here: it computes 3-D positions over its slice layout, not yet done per sample.)
     "minicpmv4_6": PackingRule(varlen_kwargs=True),
-    "minicpmv4_7": PackingRule(varlen_kwargs=True),
     "qwen2_vl": PackingRule(varlen_kwargs=False, mrope=True),
     "qwen2_5_vl": PackingRule(varlen_kwargs=False, mrope=True),
     "llava": PackingRule(varlen_kwargs=False),
+    "qwen3_vl": PackingRule(varlen_kwargs=False, mrope=True),
+    "internvl": PackingRule(varlen_kwargs=False),
+    "idefics3": PackingRule(varlen_kwargs=False),
+    "smolvlm": PackingRule(varlen_kwargs=False),
+    "llava_onevision": PackingRule(varlen_kwargs=False),
 }
 
 

@@ -94,5 +94,6 @@ def test_config_keys():
 def test_untested_architectures_are_refused_by_name():
     check_packing("minicpmv4_6", True)
     check_packing("gemma3", False)
-    with pytest.raises(ConfigError, match="data.packing: not supported for 'gemma3'"):
-        check_packing("gemma3", True)
+    for arch in ("gemma3", "minicpmv4_7"):
+        with pytest.raises(ConfigError, match=f"data.packing: not supported for '{arch}'"):
+            check_packing(arch, True)
