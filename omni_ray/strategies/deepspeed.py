@@ -179,6 +179,9 @@ def _plain_attrs(obj) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    supports_sharded_checkpoint = True
+    sharded_layout = "zero-sharded"
+    shards_trainable_only = True
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
         self.cfg, self.train, self.device = cfg, train, torch.device(device)
@@ -355,6 +358,20 @@ class DeepSpeedStrategy(Strategy):
             for key, value in state["ds_loss_scaler"].items():
                 setattr(scaler, key, value)
         self.skipped_total = int(state.get("skipped_total", 0))
+
+    def save_sharded(self, path: str, trainable_only: bool = True) -> None:
+        """This rank's fragments of the trained parameters (fp32 master, Adam moments), and of the
+        frozen ones unless ``trainable_only``, into its own file in ``path``: nothing is gathered,
+        so no rank holds more than its own partitions (``zero_state.local_shard``). Local, but
+        every rank must call it."""
+        self._ensure_state()
+        zero_state.save_local_shard(path, self._named_params(), self.torch_optimizer, trainable_only)
+
+    def load_sharded(self, path: str) -> None:
+        """Fill this rank's partitions from every rank's file in ``path``, written on any world size
+        or ZeRO stage; the schedule and loss scaler follow with ``load_state``. Local."""
+        self._ensure_state()
+        zero_state.load_shards(self._named_params(), zero_state.ShardReader.from_dir(path), self.torch_optimizer)
 
     def _ensure_state(self) -> None:
         zero_state.ensure_state(self.torch_optimizer, self.engine.optimizer, int_step=self.cfg.offload_optimizer)

@@ -18,6 +18,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class FSDPStrategy(Strategy):
     name = "fsdp"
     supports_sharded_checkpoint = True
+    sharded_layout = "sharded"  # DCP
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
         self.cfg, self.train, self.device = cfg, train, device
@@ -107,8 +108,10 @@ class FSDPStrategy(Strategy):
                 else:
                     param.data.copy_(value)
 
-    def save_sharded(self, path: str) -> None:
-        """Every rank writes its shards of the model and optimizer (DCP; rank-unique file names)."""
+    def save_sharded(self, path: str, trainable_only: bool = False) -> None:
+        """Every rank writes its shards of the model and optimizer (DCP; rank-unique file names).
+
+        Only whole-model checkpoints take this path (``shards_trainable_only`` is False)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
