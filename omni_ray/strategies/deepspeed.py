@@ -44,12 +44,16 @@ more. If it cannot be built the error says so and how to fix it. ``strategy.offl
 (ZeRO-3 only) also keeps the partitioned parameters in CPU memory. On a CPU-only host offloading
 changes nothing useful (everything is in CPU memory already) but still works.
 
-Checkpoints and resume. ``gather`` returns full tensors by parameter name; ``save_state`` the
-Adam moments as full fp32 tensors by parameter name, in the layout of FSDP2's full optimizer state
-dict (``{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}``), plus the LR
-schedule and the fp16 loss scaler. Neither depends on the ZeRO stage or the world size, so a run
-resumes onto another stage, world size or FSDP2 (``tests/dist/test_deepspeed_resume.py``).
-``load_trainable`` and ``load_state`` run after ``setup_optimizer``, on every rank.
+Checkpoints and resume. Checkpoints are sharded (``save_sharded``/``load_sharded``, layout
+``zero-sharded``): every rank writes the fp32 masters and Adam moments of the parameter slices it
+owns into its own safetensors file, keyed by parameter name and offset (``zero_state.local_shard``),
+so no rank ever holds more than its own partitions (gathering them would cost rank 0 twelve bytes
+per trained parameter: about 96 GB of host memory for an 8B full tune). ``load_sharded`` reassembles
+the ranges this rank owns from all ranks' files, whatever world size or ZeRO stage wrote them.
+``gather`` (full tensors by name) and ``save_state`` (the Adam moments as full fp32 tensors by
+name, in the layout of FSDP2's full optimizer state dict) remain for the gathered layout and the
+tests; ``load_trainable``/``load_state`` also read FSDP2's gathered checkpoints. All loading runs
+after ``setup_optimizer``, on every rank (``tests/dist/test_deepspeed_resume.py``).
 
 CPU hosts. On its CPU accelerator DeepSpeed would compile a shared-memory all-reduce op when it
 first sets up communication (minutes on a small machine); training does not use it (gloo does
@@ -329,16 +333,18 @@ class DeepSpeedStrategy(Strategy):
         """Optimizer state by parameter name, full fp32 tensors (loads onto any world size, and has the
         layout of FSDP2's full optimizer state dict), scheduler, fp16 loss scaler. Collective."""
         optimizer = None
+        # Hyperparameters and parameter names per group: what a full optimizer state dict needs beside
+        # the moments, so a sharded checkpoint can also be resumed by FSDP2 (checkpoint.load converts).
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                  for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
         if include_optimizer:
             self._ensure_state()
             per_param = zero_state.full_state_by_name(self._named_params(), rank, zero_state.adam_step(self.torch_optimizer))
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
-                      for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
             optimizer = {"state": per_param, "param_groups": groups}
         if rank != 0:
             return None
         scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.half_dtype == torch.float16 else None
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": optimizer, "optimizer_groups": groups, "scheduler": self.scheduler.state_dict(),
                 "ds_loss_scaler": _plain_attrs(scaler) if scaler is not None else None,
                 "skipped_total": self.skipped_total}
 

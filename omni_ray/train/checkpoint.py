@@ -352,13 +352,18 @@ def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     return load_tensors(path, read_manifest(path))
 
 
-def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
+def load(path: str | Path, identity: dict, resume: str = "auto", sharded_layout: str | None = None) -> dict:
     """Everything a resumed run needs, after the checksums and the identity check.
 
     ``resume="auto"``: the whole state, refused (:class:`ResumeMismatch`) when ``identity``
     differs from the one recorded. ``resume="weights_only"`` with a differing identity: the
     trained tensors only (always gathered into ``tensors``), ``train_state``/``rng`` None, step
     0, ``weights_only`` True: the caller keeps its fresh optimizer and schedule.
+
+    ``sharded_layout``: the resuming engine's (``Strategy.sharded_layout``). A sharded checkpoint
+    of the same layout comes back as ``sharded_dir`` for ``load_sharded``; a ZeRO-sharded one
+    resumed by another engine (FSDP2) is reassembled into full tensors and a full, name-keyed
+    optimizer state (the gathered layout), which every engine loads.
     """
     manifest = read_manifest(path)
     changes = identity_changes(manifest.get("identity"), identity)
@@ -372,13 +377,33 @@ def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
     if changes:
         check_resume(path, manifest, identity)
     state = torch.load(checked_file(path, manifest, STATE), weights_only=True)
-    sharded = manifest.get("layout") in ("sharded", ZERO_SHARDED)
-    if manifest.get("layout") == "sharded":
+    layout = manifest.get("layout")
+    if layout == ZERO_SHARDED and sharded_layout not in (None, ZERO_SHARDED):
+        tensors, engine_state = _zero_as_gathered(path, manifest, state["engine"])
+        return {**_resume_fields(state), "tensors": tensors, "sharded_dir": None, "train_state": engine_state}
+    sharded = layout in ("sharded", ZERO_SHARDED)
+    if layout == "sharded":
         screen_dcp_metadata(path)  # the strategy's DCP load unpickles it next
-    return {"tensors": {} if sharded else load_tensors(path, manifest), "sharded_dir": str(path) if sharded else None,
-            "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
+    return {**_resume_fields(state), "tensors": {} if sharded else load_tensors(path, manifest),
+            "sharded_dir": str(path) if sharded else None, "train_state": state["engine"]}
+
+
+def _resume_fields(state: dict) -> dict:
+    return {"step": state["step"], "epoch": state["epoch"],
             "consumed": state["consumed"], "rng": state["rng"], "weights_only": False,
             "reports": state.get("reports", [])}
+
+
+def _zero_as_gathered(path: str | Path, manifest: dict, engine_state: dict) -> tuple[dict, dict]:
+    """A ZeRO-sharded checkpoint as full tensors and a full optimizer state by name (for FSDP2)."""
+    from omni_ray.strategies.zero_state import ADAM_STATE
+
+    reader = ShardReader.from_dir(path, list(manifest["files"]))
+    tensors = {name: reader.full("param", name) for name in sorted(reader.shapes)}
+    moments = {name: {"step": torch.tensor(float(reader.adam_step)), **{k: reader.full(k, name) for k in ADAM_STATE}}
+               for name, trained in reader.trained.items() if trained}
+    optimizer = {"state": moments, "param_groups": engine_state["optimizer_groups"]}
+    return tensors, {**engine_state, "optimizer": optimizer}
 
 
 def checkpoint_config_text(path: str | Path) -> str:

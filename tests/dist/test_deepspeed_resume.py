@@ -1,11 +1,13 @@
-"""DeepSpeed strategy state round trip: save_state/gather on one engine, load into a fresh one.
+"""DeepSpeed's sharded checkpoints resume exactly, onto another world size and ZeRO stage.
 
-Two gloo processes (torch.multiprocessing, no Ray: this checks the strategy, not the loop) train
-a toy model with a frozen layer and two parameter groups under ZeRO-3, save after one step
-(Adam state of later groups only exists after the first step), load the tensors and optimizer
-state into a fresh ZeRO-2 engine (state is keyed by parameter name, full tensors: stage and world
-size do not matter) and continue. The losses must equal those of a run that never stopped, and
-the grad_accum=2 run must equal a single-process reference of the same optimizer steps.
+gloo processes (torch.multiprocessing, no Ray: this checks the strategy, not the loop) train a toy
+model with a frozen layer and two parameter groups. Checkpoints are written with
+``save_sharded`` (every rank its own file, nothing gathered) by ZeRO-2 on one rank and by ZeRO-3
+and ZeRO-2 on two ranks, after one step (Adam state of later groups only exists after the first
+step), and resumed into the other stage on two and on one rank: the trained tensors, Adam
+moments, step and schedule must be those before the save, bit for bit. The two-rank ZeRO-3 run
+resumed into ZeRO-2 continues with the same losses as a run that never stopped, and that
+grad_accum=2 run equals a single-process reference of the same optimizer steps.
 """
 
 from __future__ import annotations

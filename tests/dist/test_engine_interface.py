@@ -114,22 +114,28 @@ def zero_checkpoint_round_trip(cfg, built, engine, gathered: dict, saved: dict) 
     tensors = ckpt.load_trainable(path)  # no process group needed: export's path
     assert set(tensors) == set(gathered) and all(torch.equal(tensors[n], gathered[n]) for n in gathered)
 
-    other = "zero2" if engine.stage == 3 else "zero3"
-    fresh_cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(update=ENGINES[other])})
-    fresh_built = build_trainable_model(fresh_cfg.model, fresh_cfg.freeze, fresh_cfg.lora, fresh_cfg.train)
-    fresh = build_strategy(fresh_cfg.strategy, fresh_cfg.train, torch.device("cpu"))
-    fresh.wrap(fresh_built.model, fresh_built.spec)
-    fresh.setup_optimizer(param_groups(fresh.model, fresh_built.plan, 0.0), total_steps=4)
-    loaded = ckpt.load(path, identity)
-    assert loaded["sharded_dir"] == path and loaded["tensors"] == {}
-    fresh.load_sharded(loaded["sharded_dir"])
-    fresh.load_state(loaded["train_state"])
-    again, state = fresh.gather(rank=0), fresh.save_state(rank=0)
-    assert all(torch.equal(again[n], gathered[n]) for n in gathered)
-    for name, entry in saved["optimizer"]["state"].items():
-        for key, value in entry.items():
-            assert torch.equal(state["optimizer"]["state"][name][key], value), (name, key)
-    assert fresh.current_lr() == engine.current_lr()
+    # Into the other ZeRO stage (its own sharded reader), and into FSDP2 (reassembled, gathered layout).
+    for other in ("zero2" if engine.stage == 3 else "zero3", "fsdp"):
+        fresh_cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(update=ENGINES[other])})
+        fresh_built = build_trainable_model(fresh_cfg.model, fresh_cfg.freeze, fresh_cfg.lora, fresh_cfg.train)
+        fresh = build_strategy(fresh_cfg.strategy, fresh_cfg.train, torch.device("cpu"))
+        fresh.wrap(fresh_built.model, fresh_built.spec)
+        fresh.setup_optimizer(param_groups(fresh.unwrapped(), fresh_built.plan, 0.0), total_steps=4)
+        loaded = ckpt.load(path, identity, "auto", fresh.sharded_layout)
+        if other == "fsdp":
+            assert loaded["sharded_dir"] is None and set(loaded["tensors"]) == set(gathered)
+            fresh.load_trainable(loaded["tensors"])
+        else:
+            assert loaded["sharded_dir"] == path and loaded["tensors"] == {}
+            fresh.load_sharded(loaded["sharded_dir"])
+        fresh.load_state(loaded["train_state"])
+        again, state = fresh.gather(rank=0), fresh.save_state(rank=0)
+        assert all(torch.equal(again[n], gathered[n]) for n in gathered), other
+        for name, entry in saved["optimizer"]["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(state["optimizer"]["state"][name][key].reshape(value.shape), value), \
+                    (other, name, key)
+        assert fresh.current_lr() == engine.current_lr()
 
 
 @pytest.mark.parametrize("engine_name", list(ENGINES))
