@@ -35,13 +35,15 @@ from pathlib import Path
 
 import torch
 
+from omni_ray.errors import UserError
+
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 KINDS = ("param",) + ADAM_STATE  # what a fragment holds: the fp32 master (or frozen value), the moments
 SHARD_FORMAT = "omni_ray.zero_shard/1"
 SHARD_FILE = re.compile(r"zero_rank(\d{5})-of-(\d{5})\.safetensors")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A sharded ZeRO checkpoint that is incomplete or does not fit this model."""
 
 
@@ -256,7 +258,7 @@ class ShardReader:
         ranks = sorted(m["rank"] for m in metas)
         if len(worlds) != 1 or ranks != list(range(next(iter(worlds)))):
             raise ShardError(f"shard files {[f.name for f in sorted(files)]} are not one file per rank of one save "
-                             f"(ranks {ranks}, world sizes {sorted(worlds)}); the checkpoint is incomplete")
+                             f"(ranks {ranks}, world sizes {sorted(worlds)}); the checkpoint is incomplete: use an earlier one")
         self.adam_step = max(m["adam_step"] for m in metas)
 
     @classmethod
@@ -278,7 +280,7 @@ class ShardReader:
                 covered += hi - lo
         if covered != numel:
             raise ShardError(f"{name}: the shard files hold {covered} of elements [{start}, {start + numel}) of its "
-                             f"{kind}; the checkpoint is incomplete")
+                             f"{kind}; the checkpoint is incomplete: use an earlier one")
         if not pieces:
             return torch.empty(0)
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]

@@ -334,7 +334,7 @@ def load_tensors(path: str | Path, manifest: dict | None = None) -> dict[str, to
     """The checkpoint's model tensors by parameter name, whichever layout it has (no process group)."""
     manifest = manifest or read_manifest(path)
     if manifest.get("layout") == ZERO_SHARDED:
-        reader = ShardReader.from_dir(path, list(manifest["files"]))
+        reader = _shard_reader(path, manifest)
         return {name: reader.full("param", name) for name in sorted(reader.shapes)}
     if manifest.get("layout") == "sharded":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -346,6 +346,11 @@ def load_tensors(path: str | Path, manifest: dict | None = None) -> dict[str, to
     from safetensors.torch import load_file
 
     return load_file(str(checked_file(path, manifest, WEIGHTS)))
+
+
+def _shard_reader(path: str | Path, manifest: dict) -> ShardReader:
+    """The ZeRO rank files the (verified) manifest lists, nothing else in the directory."""
+    return ShardReader.from_dir(path, list(manifest["files"]))
 
 
 def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
@@ -398,7 +403,7 @@ def _zero_as_gathered(path: str | Path, manifest: dict, engine_state: dict) -> t
     """A ZeRO-sharded checkpoint as full tensors and a full optimizer state by name (for FSDP2)."""
     from omni_ray.strategies.zero_state import ADAM_STATE
 
-    reader = ShardReader.from_dir(path, list(manifest["files"]))
+    reader = _shard_reader(path, manifest)
     tensors = {name: reader.full("param", name) for name in sorted(reader.shapes)}
     moments = {name: {"step": torch.tensor(float(reader.adam_step)), **{k: reader.full(k, name) for k in ADAM_STATE}}
                for name, trained in reader.trained.items() if trained}
