@@ -16,8 +16,8 @@ Their sum is reported (an upper bound of the combined peak).
 
 On a CPU host the sharded save writes views of the optimizer's own partitions, so it allocates
 almost nothing; on a GPU host it also copies this rank's partitions to host memory, i.e. about
-12 bytes x trained parameters / world size, against 12 bytes x trained parameters (and more: the
-full-size reduce buffers) for the gathered save.
+12 bytes x trained parameters / world size (the "rank-0 wrote" column), against 12 bytes x
+trained parameters (and more: the full-size reduce buffers) for the gathered save.
 
     python bench/checkpoint_zero.py [--hidden 1024] [--layers 8] [--world 2]
 """
@@ -33,6 +33,7 @@ import tempfile
 import time
 import tracemalloc
 import types
+from pathlib import Path
 
 
 def build(stage: int, hidden: int, layers: int, world: int):
@@ -93,10 +94,11 @@ def worker(rank: int, args, port: int, out: str) -> None:
         trained = sum(p.ds_numel if hasattr(p, "ds_id") else p.numel() for p in strategy.optimizer_params)
         for sharded in (False, True):
             tensors, heap, seconds, path = measured_save(strategy, sharded, rank)
+            written = sum(p.stat().st_size for p in Path(path).iterdir()) if path else 0
             if path:
                 shutil.rmtree(path, ignore_errors=True)
             rows.append({"stage": stage, "layout": "sharded" if sharded else "gathered", "tensors": tensors,
-                         "heap": heap, "seconds": seconds, "trained": trained})
+                         "heap": heap, "seconds": seconds, "trained": trained, "written": written})
         del strategy
     if rank == 0:
         with open(out, "w") as f:
@@ -124,13 +126,14 @@ def main() -> None:
     mib = 2**20
     print(f"model: {args.layers} x Linear({args.hidden}, {args.hidden}), all trained "
           f"({rows[0]['trained']:,} parameters), fp32, AdamW, {args.world} gloo workers on CPU")
-    print(f"{'ZeRO':<5} {'save':<9} {'rank-0 tensors MiB':>19} {'heap MiB':>9} {'total MiB':>10} {'save s':>7}")
+    print(f"{'ZeRO':<5} {'save':<9} {'rank-0 tensors MiB':>19} {'heap MiB':>9} {'total MiB':>10} "
+          f"{'rank-0 wrote MiB':>17} {'save s':>7}")
     totals = {}
     for r in rows:
         total = r["tensors"] + r["heap"]
         totals[(r["stage"], r["layout"])] = total
         print(f"{r['stage']:<5} {r['layout']:<9} {r['tensors'] / mib:>19.1f} {r['heap'] / mib:>9.1f} "
-              f"{total / mib:>10.1f} {r['seconds']:>7.2f}")
+              f"{total / mib:>10.1f} {r['written'] / mib:>17.1f} {r['seconds']:>7.2f}")
     print(f"state of the trained parameters (fp32 weight + 2 Adam moments): {12 * rows[0]['trained'] / mib:.1f} MiB")
     ratios = {stage: totals[(stage, "gathered")] / max(1, totals[(stage, "sharded")]) for stage in (2, 3)}
     print("rank-0 peak host memory during a save, gathered/sharded = "
