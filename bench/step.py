@@ -171,12 +171,16 @@ class Bare(Side):
         self.autocast = cfg.train.precision == "bf16"
 
     def one_step(self, micro_batches):
+        from omni_ray.data.packing import is_packed
+        from omni_ray.train.packing import packed_model_inputs
         from omni_ray.train.step import NON_MODEL_KEYS
 
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["num_label_tokens"]) for b in micro_batches)
         for batch in micro_batches:
             inputs = {k: v.to(self.device) for k, v in batch.items() if k not in NON_MODEL_KEYS[1:]}
+            if is_packed(batch):  # positions per sample, per-sample linear attention (omni_ray.train.packing)
+                inputs = packed_model_inputs(self.model, inputs)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.model(**inputs)
             # The model's loss is a token mean per micro-batch; weigh it by the step's tokens.
@@ -248,7 +252,7 @@ def step_batches(samples, spec, pad_id, batch: int, accumulation: int, pack_toke
     if pack_tokens is None:
         micro = [[collate(g, spec.image_inputs, pad_id)] for g in groups]
     else:  # the same samples per micro-batch, padding-free in rows of pack_tokens
-        micro = [pack_samples(g, pack_tokens, spec.image_inputs, pad_id) for g in groups]
+        micro = [pack_samples(g, pack_tokens, spec.image_inputs) for g in groups]
     return [sum(micro[i:i + accumulation], []) for i in range(0, len(micro), accumulation)]
 
 

@@ -238,6 +238,27 @@ class DataConfig(Section):
     preprocess_max_actors_per_worker: float = Field(
         2.0, gt=0, description="The pool grows under load (Ray Data autoscaling) up to this many per training worker."
     )
+    packing: bool = Field(
+        False, description="Pack whole samples end to end into rows of data.pack_tokens tokens instead of padding "
+        "each micro-batch; attention and linear-attention state stay inside each sample (see README, Packing)."
+    )
+    pack_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one packed row (image tokens included); at least "
+        "data.model_max_length so every sample fits whole. Default: data.model_max_length."
+    )
+
+    @model_validator(mode="after")
+    def _pack_rows_hold_a_sample(self) -> "DataConfig":
+        if self.pack_tokens is not None and self.pack_tokens < self.model_max_length:
+            raise ValueError(
+                f"data.pack_tokens: {self.pack_tokens} is below data.model_max_length ({self.model_max_length}), so "
+                "a sample of that length could not be packed whole; raise data.pack_tokens to at least "
+                f"{self.model_max_length} or lower data.model_max_length")
+        return self
+
+    def row_tokens(self) -> int | None:
+        """Tokens per packed row when packing, else None."""
+        return (self.pack_tokens or self.model_max_length) if self.packing else None
 
     @field_validator("train")
     @classmethod

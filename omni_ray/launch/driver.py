@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
+from omni_ray.data.packing import check_packing
 from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
 from omni_ray.models.spec import ModelSpec
@@ -41,6 +42,7 @@ def validate(cfg: Config) -> Validated:
         named_shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
     plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
     check_loggers(cfg.run.loggers)
+    check_packing(spec.name, cfg.data.packing)
     if cfg.train.eval_every and not cfg.data.eval:
         raise ConfigError("train.eval_every: set, but data.eval is not; point data.eval at a JSON/JSONL file or a "
                           "prepared prefix (same formats as data.train), or remove train.eval_every")

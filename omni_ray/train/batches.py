@@ -8,12 +8,14 @@ replaced by another sample.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
 from omni_ray.config import DataConfig, TrainConfig
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import SampleProcessor, decode
+from omni_ray.data.packing import pack_samples
 from omni_ray.data.position import PositionSet
 from omni_ray.models.spec import ModelSpec
 
@@ -28,16 +30,27 @@ def keep_alive_sample(sample_processor: SampleProcessor) -> dict:
 
 
 class Batcher:
-    """Collates processed samples for one architecture (padding, image inputs, keep-alive row)."""
+    """Collates processed samples for one architecture (padding, image inputs, keep-alive row).
 
-    def __init__(self, sample_processor: SampleProcessor, spec: ModelSpec):
+    ``pack_tokens`` (``data.row_tokens()``): when set, ``pack`` lays a step's samples end to end in
+    rows of that many tokens instead (``omni_ray.data.packing``).
+    """
+
+    def __init__(self, sample_processor: SampleProcessor, spec: ModelSpec, pack_tokens: int | None = None):
         self.image_inputs = spec.image_inputs
         self.pad_id = sample_processor.tokenizer.pad_token_id or 0
         self.keep_alive = keep_alive_sample(sample_processor)
+        self.pack_tokens = pack_tokens
         self.empty = self(())  # what a rank whose data ran out trains on (labels all ignored)
 
     def __call__(self, samples) -> dict:
         return collate(list(samples), self.image_inputs, self.pad_id, self.keep_alive)
+
+    def pack(self, samples: list[dict]) -> list[dict]:
+        """Packed rows of ``samples``; the keep-alive-only batch when every sample was rejected."""
+        if not samples:
+            return [self(())]
+        return pack_samples(samples, self.pack_tokens, self.image_inputs, keep_alive=self.keep_alive)
 
 
 @dataclass
@@ -75,14 +88,16 @@ class EpochBatches:
         self._it = self._epoch(state.epoch)
 
     def next_step(self, grad_accum: int) -> list[dict]:
-        """Up to ``grad_accum`` micro-batches; fewer (or none) when this rank's epoch runs out."""
-        micro = []
-        for _ in range(grad_accum):
-            item = next(self._it, None)
-            if item is None:
-                break
-            micro.append(item)
-        return micro
+        """Up to ``grad_accum`` micro-batches; fewer (or none) when this rank's epoch runs out.
+
+        Packing: the same samples (``grad_accum`` reads of ``micro_batch_size`` rows, so the
+        schedule, the data position and the loss normalisation are those of the unpacked run),
+        laid end to end in as many packed rows as they need; each row is one forward.
+        """
+        groups = list(itertools.islice(self._it, grad_accum))
+        if self.batcher.pack_tokens is None or not groups:
+            return [self.batcher(samples) for samples in groups]
+        return self.batcher.pack([sample for samples in groups for sample in samples])
 
     def next_epoch(self) -> None:
         self.state.epoch += 1
@@ -111,4 +126,4 @@ class EpochBatches:
                     samples.append(decode(rows["sample"][i]))
             self.seen += fresh
             if fresh:
-                yield self.batcher(samples)
+                yield samples

@@ -70,7 +70,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         session.report({"step": state.step, "resumed_from_step": state.step, "replayed": state.reports})
 
     processor = load_processor(cfg.model, built.local_dir)
-    batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec)
+    batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec,
+                      cfg.data.row_tokens())
     batches = EpochBatches(session.dataset_shard("train"), batcher, cfg.train, cfg.data, state)
     evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, batcher.keep_alive, run_uri)
     meter, last = Meter(), {}
@@ -82,7 +83,11 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         if ranks_with_data == 0:  # the epoch is over on every rank
             batches.next_epoch()
             continue
-        meter.add(train_step(engine, micro or [batcher.empty], step_tokens, session.world_size, session.device))
+        # Every rank runs as many forwards as the busiest one: packed rows per step differ from rank
+        # to rank, and FSDP2 / ZeRO-3 gather and reduce once per forward and backward.
+        (forwards,) = _all_reduce([len(micro)], dist.ReduceOp.MAX)
+        micro = micro + [batcher.empty] * (int(forwards) - len(micro))
+        meter.add(train_step(engine, micro, step_tokens, session.world_size, session.device))
         state.step += 1
         guard.after_step()
         evaluating = evaluator is not None and evaluator.due(state.step, total_steps)
@@ -180,7 +185,7 @@ class Meter:
         """Metrics over all ranks (collective: every rank calls it at the same step)."""
         r = self.results
         local = [sum(x.loss_sum for x in r), sum(x.label_tokens for x in r), sum(x.samples for x in r),
-                 sum(x.tokens for x in r), batches.seen, self.keep_alive_batches]
+                 sum(x.tokens for x in r), batches.seen, self.keep_alive_batches, sum(x.positions for x in r)]
         totals = _all_reduce(local + [batches.rejected[reason] for reason in REASONS])
         elapsed = time.perf_counter() - self.since
         stats = r[-1].stats
@@ -190,7 +195,10 @@ class Meter:
             "skipped_steps": stats.skipped_total,
             "samples_per_s": totals[2] / elapsed, "tokens_per_s": totals[3] / elapsed,
             "samples_seen": int(totals[4]), "vision_keep_alive_batches": int(totals[5]),
-            "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[6:]) if v},
+            # Tokens per optimizer step on all ranks, and the share of computed positions that were
+            # real tokens (1.0 when packed): throughput per useful token is tokens_per_s.
+            "tokens_per_step": totals[3] / max(len(r), 1), "useful_token_fraction": totals[3] / max(totals[6], 1.0),
+            "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[7:]) if v},
             "audit": guard.summary, "resumed_from_step": state.resumed_from, "memory_gb": memory_gb(device),
         }
         self.results, self.since = [], time.perf_counter()
@@ -203,10 +211,10 @@ def log_step(m: dict) -> None:
              m["tokens_per_s"], f" rejected {m['rejected']}" if m["rejected"] else "")
 
 
-def _all_reduce(values: list[float]) -> list[float]:
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
