@@ -50,7 +50,9 @@ def _assistant_spans(labels: np.ndarray) -> list[tuple[int, int]]:
 
 
 def check_only_answers_are_labelled(rows: list[dict], tokenizer) -> None:
-    specials = set(tokenizer.all_special_tokens)
+    # Added special tokens too: Gemma's <end_of_turn> is labelled (the model learns to stop) but is not
+    # one of the named special tokens.
+    specials = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
     for row in rows:
         assert not row["reason"], (row["id"], row["reason"], row["detail"])
         sample = decode(row["sample"])
