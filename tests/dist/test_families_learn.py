@@ -25,7 +25,9 @@ from omni_ray.models.spec import all_specs, get_spec
 from omni_ray.models.tiny import BUILDERS, build_tiny
 from local_training import ANSWERS, processed_rows, train_locally, write_dataset
 
-STEPS = 10
+# 6 steps at lr 5e-3: every family's loss is below half its first by step 5 (measured: 0.28-0.44 of the
+# first loss at step 5, MiniCPM-V 4.7 the slowest), so 6 keeps a margin and costs 40% less than 10.
+STEPS = 6
 FREEZE = {"vision": "frozen", "projector": "full", "llm": "full", "embeddings": "frozen", "lm_head": "frozen"}
 
 
