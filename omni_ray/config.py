@@ -414,6 +414,12 @@ class RunConfig(Section):
 #   lora_modules_to_save: finetune.py declares it but never hands it to peft; here it has
 #   peft's meaning (those modules train in full beside the adapters), as a freeze override.
 #   lora_bias: peft's meaning (lora.bias): none, all biases, or those of adapted modules train.
+#   lora_weight_path, lora_layer_replication: finetune.py declares them but never reads them (LoRA
+#   always starts fresh, no layer is replicated). lora_layers_to_transform: finetune.py passes it to
+#   peft with its *string* lora_target_modules, and peft filters layers only for a list of names
+#   (peft 0.21 refuses the pair outright), so it never selects anything there. Their empty
+#   defaults are accepted; any other value is an error saying so and what to write instead,
+#   rather than a setting that silently does nothing.
 #
 # Flags that set one key here: _FLAG_KEYS. Flags handled together (precision, schedule, the freeze
 # map): map_minicpmv_flags. Flags of the scripts that steer Hugging Face Trainer plumbing with no
@@ -484,6 +490,21 @@ _FLAG_CHOICES = {
 _FLAG_SPECIAL: dict[str, type] = {
     "tune_vision": bool, "tune_llm": bool, "use_lora": bool, "bf16": bool, "fp16": bool,
     "lora_modules_to_save": str, "deepspeed": str, "warmup_ratio": float, "lr_scheduler_type": str,
+    # Lists in finetune.py and without effect there: any value is taken as given (and refused, see below).
+    "lora_weight_path": object, "lora_layer_replication": object, "lora_layers_to_transform": object,
+}
+# LoraArguments of finetune.py that change nothing in its recipe: what to write instead.
+_FLAG_UNUSED = {
+    "lora_weight_path": "MiniCPM-V's finetune.py declares it but never uses it (LoRA starts from fresh adapters); "
+                        "to continue a run use checkpoint resume (the run's storage path), or merge the adapters "
+                        "into the model (omni-ray export) and train from that",
+    "lora_layer_replication": "MiniCPM-V's finetune.py declares it but never hands it to peft (no layer is "
+                              "replicated); remove it",
+    "lora_layers_to_transform": "finetune.py hands it to peft beside its regex lora_target_modules, and peft "
+                                "applies layers_to_transform only to a list of module names (recent peft refuses "
+                                "the pair), so it selects nothing there; to adapt some layers only, put their "
+                                r"indices in lora_target_modules (e.g. llm\..*layers\.(3|7)\.self_attn\."
+                                "(q_proj|k_proj|v_proj)) or set freeze.llm: {mode: lora, last_n_layers: N}",
 }
 MINICPMV_FLAGS = tuple([*_FLAG_SPECIAL, *_FLAG_KEYS, *_FLAG_ACCEPTED])
 _log = logging.getLogger(__name__)
@@ -552,6 +573,8 @@ def flag_value(flag: str, value: Any, kind: type) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         raise ValueError(f"{flag}: {value!r} is not a boolean; write true or false")
+    if kind is object:
+        return None if value in ("", [], None) else value
     if kind is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"{flag}: {value!r} is not a string")
@@ -619,6 +642,13 @@ def _map_freeze_flags(raw: dict, flags: dict) -> None:
         overrides.append({"pattern": rf"(^|\.){re.escape(name)}\.", "mode": "full"})
 
 
+def _map_lora_flags(raw: dict, flags: dict) -> None:
+    """LoRA arguments finetune.py declares but that have no effect in its recipe: refused unless unset."""
+    for flag, instead in _FLAG_UNUSED.items():
+        if flags.get(flag) not in (None, ""):
+            raise ValueError(f"{flag}: {instead}")
+
+
 def _map_train_flags(raw: dict, flags: dict) -> None:
     """Precision, DeepSpeed config and LR schedule flags, which set several keys or need each other."""
     if "bf16" in flags or "fp16" in flags:
@@ -658,6 +688,7 @@ def map_minicpmv_flags(raw: dict) -> dict:
         if flag in flags:
             _setdefault_path(raw, dotted, flags[flag], flag)
     _map_freeze_flags(raw, flags)
+    _map_lora_flags(raw, flags)
     _map_train_flags(raw, flags)
     for flag in sorted(set(flags) & set(_FLAG_ACCEPTED)):
         _log.info("%s=%r accepted: %s", flag, flags[flag], _FLAG_ACCEPTED[flag][1])
