@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -168,19 +169,25 @@ def _numels(plan) -> tuple[int, int]:
 
 
 def _weights(plan, layout: Layout, largest_layer: int) -> dict[str, int]:
+    """Weight bytes by storage dtype on one worker.
+
+    FSDP2: frozen tensors in ``frozen_dtype``, trained ones in fp32 (its master weights), both
+    sharded. DeepSpeed: the module holds every parameter in the compute dtype (sharded under
+    ZeRO-3 only), and the optimizer fp32 masters of the trained ones, partitioned over all ranks
+    (ZeRO-1 and up).
+    """
     frozen, trained = _numels(plan)
-    shard = layout.world if layout.shard_weights else 1
-    out = {_dtype_name(layout.frozen_dtype): frozen * layout.frozen_dtype.itemsize // shard}
-    fp32 = "float32"
-    out[fp32] = out.get(fp32, 0) + trained * MASTER_BYTES // shard
-    if layout.compute_dtype != torch.float32 and layout.engine == "deepspeed":
-        # ZeRO keeps a 16-bit copy of every parameter beside the fp32 masters of the trained ones.
-        name = _dtype_name(layout.compute_dtype)
-        out[name] = out.get(name, 0) + trained * layout.compute_dtype.itemsize // shard
+    module_shard = layout.world if layout.shard_weights else 1
+    out: dict[str, int] = defaultdict(int)
+    out[_dtype_name(layout.frozen_dtype)] += frozen * layout.frozen_dtype.itemsize // module_shard
+    if layout.engine == "deepspeed":
+        out[_dtype_name(layout.compute_dtype)] += trained * layout.compute_dtype.itemsize // module_shard
+        out["float32"] += trained * MASTER_BYTES // layout.world
+    else:
+        out["float32"] += trained * MASTER_BYTES // module_shard
     if layout.shard_weights and layout.world > 1:
         # FSDP2 / ZeRO-3 gather a layer before it runs and prefetch the next: two unsharded layers.
-        name = _dtype_name(layout.compute_dtype)
-        out[name] = out.get(name, 0) + 2 * largest_layer * layout.compute_dtype.itemsize
+        out[_dtype_name(layout.compute_dtype)] += 2 * largest_layer * layout.compute_dtype.itemsize
     return {k: v for k, v in out.items() if v}
 
 
@@ -318,20 +325,22 @@ def largest_layer_numel(plan, spec) -> int:
     return max(sizes.values(), default=0)
 
 
-def layout_of(model_dtype: str, train, strategy, scaling) -> Layout:
-    """How the configured engine holds the model (train, strategy and scaling sections)."""
+def layout_of(train, strategy, scaling) -> Layout:
+    """How the configured engine holds the model (train, strategy and scaling sections): frozen
+    weights in ``train.frozen_storage``, trained ones as fp32 masters (see the strategies)."""
     return Layout(world=scaling.num_workers,
                   shard_weights=strategy.name == "fsdp" or strategy.zero_stage == 3,
-                  compute_dtype=PRECISION_DTYPES[train.precision], frozen_dtype=getattr(torch, model_dtype),
+                  compute_dtype=PRECISION_DTYPES[train.precision],
+                  frozen_dtype=PRECISION_DTYPES[train.frozen_storage],
                   gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name,
                   optimizer_foreach=scaling.use_gpu)
 
 
 def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
-                  gpu_memory_gb: float | None) -> list[str]:
-    """Lines for ``omni-ray validate``: the estimate by component and, if it does not fit, a warning."""
+                  gpu_memory_gb: float | None) -> tuple[str, str | None]:
+    """The estimate by component (text) and, if it is above the device's memory, a warning (else None)."""
     if spec.remote_code:
-        return ["memory: no estimate for remote-code models (their classes are not run before training)"]
+        return "memory: no estimate for remote-code models (their classes are not run before training)", None
     from omni_ray.freeze import apply_plan
     from omni_ray.models.loading import build_skeleton
 
@@ -340,8 +349,7 @@ def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, 
                                plan, layout, batch=batch, seq_len=seq_len, vocab=int(text["vocab_size"]),
                                largest_layer=largest_layer_numel(plan, spec), compare_checkpointing=False)
     limit, source = device_memory_bytes(gpu_memory_gb)
-    warning = fits_warning(estimate, limit, source)
-    return [estimate.format(), *([warning] if warning else [])]
+    return estimate.format(), fits_warning(estimate, limit, source)
 
 
 def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:

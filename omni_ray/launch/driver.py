@@ -10,6 +10,7 @@ never rewritten.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,11 +22,14 @@ from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
 from omni_ray.storage import RunLocation, StorageConfig
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Validated:
     spec: ModelSpec
     plan: FreezePlan
+    hf_config: dict
 
 
 def validate(cfg: Config) -> Validated:
@@ -51,7 +55,18 @@ def validate(cfg: Config) -> Validated:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":
         raise ConfigError("model.dtype: fp16 training with FSDP2 keeps fp32 master weights; set model.dtype: float32")
-    return Validated(spec, plan)
+    return Validated(spec, plan, hf_config)
+
+
+def memory_estimate(cfg: Config, checked: Validated) -> tuple[str, str | None]:
+    """The per-worker memory estimate for this run (text by component) and a warning when it is
+    above the device (``scaling.gpu_memory_gb`` or the detected GPU), else None. No weights are
+    read: one forward and backward on fake tensors (seconds for a small model, about a minute at 9B)."""
+    from omni_ray.memory import layout_of, memory_report
+
+    return memory_report(cfg.model, checked.hf_config, checked.spec, checked.plan, cfg.lora,
+                         layout_of(cfg.train, cfg.strategy, cfg.scaling), batch=cfg.train.micro_batch_size,
+                         seq_len=cfg.data.model_max_length, gpu_memory_gb=cfg.scaling.gpu_memory_gb)
 
 
 def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig) -> None:
@@ -133,7 +148,13 @@ def train(cfg: Config, verbose: bool = False):
     from omni_ray.train.loop import train_loop_per_worker
 
     quiet_driver(verbose)
-    validate(cfg)
+    checked = validate(cfg)
+    # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
+    # have scaled up and every worker has run out of memory.
+    estimate, warning = memory_estimate(cfg, checked)
+    log.info("%s", estimate)
+    if warning:
+        log.warning("%s", warning)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     if cfg.scaling.use_gpu:
         wait_for_gpus(cfg.scaling)
