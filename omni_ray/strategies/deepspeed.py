@@ -261,7 +261,7 @@ class DeepSpeedStrategy(Strategy):
         """Trained: the dtype of ZeRO's flat master partitions (the tensors the torch optimizer steps);
         the module's own copy is only the compute copy. Frozen: the module's tensor."""
         if param.requires_grad:
-            return self.torch_optimizer.param_groups[0]["params"][0].dtype
+            return zero_state.flat_partitions(self.engine.optimizer)[0].dtype
         return param.dtype
 
     def forward(self, batch: dict):
