@@ -187,8 +187,13 @@ def tiny_llava_processor():
 
 
 def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: int = 4, vision_layers: int = 2,
-                        scale_resolution: int = 112, tie_embeddings: bool = False, seed: int = 0) -> Path:
-    """``tie_embeddings``: one matrix for input embeddings and lm_head, as the published 4.6 has."""
+                        scale_resolution: int = 112, tie_embeddings: bool = False, seed: int = 0,
+                        text_overrides: dict | None = None, vision_overrides: dict | None = None) -> Path:
+    """``tie_embeddings``: one matrix for input embeddings and lm_head, as the published 4.6 has.
+
+    ``text_overrides`` / ``vision_overrides`` replace sub-config entries (e.g. the published text
+    width, for benchmarks where the matmuls must dominate); the tokenizer stays the tiny one.
+    """
     import importlib
 
     import torch
@@ -198,10 +203,12 @@ def build_tiny_minicpmv(out: str | Path, version: str = "4_6", *, text_layers: i
     processor = tiny_minicpmv_processor(version, scale_resolution)
     tokenizer = processor.tokenizer
     config = getattr(mod, f"MiniCPMV{ver}Config")(
-        text_config={**_text_config("qwen3_5_text", len(tokenizer), text_layers), "tie_word_embeddings": tie_embeddings},
+        text_config={**_text_config("qwen3_5_text", len(tokenizer), text_layers), "tie_word_embeddings": tie_embeddings,
+                     **(text_overrides or {})},
         tie_word_embeddings=tie_embeddings,
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
-                           num_attention_heads=4, patch_size=14, image_size=scale_resolution),
+        vision_config={**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, patch_size=14, image_size=scale_resolution),
+                       **(vision_overrides or {})},
         insert_layer_id=0,
         image_size=scale_resolution,
         image_token_id=tokenizer.image_token_id,

@@ -35,7 +35,7 @@ from omni_ray.train import checkpoint as ckpt
 from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
 from omni_ray.train.guard import FreezeGuard
-from omni_ray.train.loss import fused_loss_backend
+from omni_ray.train.loss import fast_paths
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
 from omni_ray.train.resume import gather_positions, pick_checkpoint
 from omni_ray.train.step import StepResult, train_step
@@ -60,7 +60,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
     if session.rank == 0:
-        log.info("loss: %s linear cross-entropy (no [tokens, vocab] logits are held)", fused_loss_backend(session.device))
+        log.info("kernels: %s", fast_paths(session.device))
     # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
     # recorded in every checkpoint, compared on resume.
     record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg),

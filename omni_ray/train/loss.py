@@ -95,6 +95,18 @@ def fused_loss_backend(device: torch.device) -> str:
     return "liger" if device.type == "cuda" and _liger() is not None else "chunked-torch"
 
 
+def fast_paths(device: torch.device) -> str:
+    """The optional GPU kernels this run uses, for its first log line (the ``gpu`` extra installs them)."""
+    import importlib.util
+
+    cuda = device.type == "cuda"
+    fla = cuda and importlib.util.find_spec("fla") is not None
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    return (f"loss {fused_loss_backend(device)} linear cross-entropy (no [tokens, vocab] logits are held); "
+            f"linear attention {'flash-linear-attention' if fla else 'torch reference'}; "
+            f"attention {'flash-attention varlen available' if flash else 'sdpa'}")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy summed over label positions: hidden [B, T, H], labels [B, T]."""
@@ -140,5 +152,5 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-__all__ = ["ChunkedLinearCrossEntropy", "chunk_tokens", "fused_loss_backend", "head_loss",
+__all__ = ["ChunkedLinearCrossEntropy", "chunk_tokens", "fast_paths", "fused_loss_backend", "head_loss",
            "linear_cross_entropy", "token_loss_sum"]

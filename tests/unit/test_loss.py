@@ -105,3 +105,11 @@ def test_head_loss_inside_model(arch, head_trained):
     assert chunked.dim() == 0 and close(chunked, plain)
     assert all(close(a, b) for a, b in zip(chunked_grads, plain_grads, strict=True))
     assert model(**inputs).logits.shape == (2, 19, 300)  # the head is itself again after the block
+
+
+def test_the_first_log_line_names_the_kernels_in_use_on_cpu():
+    from omni_ray.train.loss import fast_paths
+
+    line = fast_paths(torch.device("cpu"))
+    # CPU never takes the CUDA-only kernels, installed or not.
+    assert "loss chunked-torch" in line and "linear attention torch reference" in line and "attention sdpa" in line
