@@ -71,7 +71,8 @@ class ModelConfig(Section):
         False, description="Allow the checkpoint's own Python code (MiniCPM-V 2.x, MiniCPM-o). Off by default."
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "float32", description="dtype the weights are loaded in; training precision is train.precision."
+        "float32", description="dtype the weights are loaded in; training precision is train.precision, storage "
+        "while training train.frozen_dtype (frozen) and fp32 (trained)."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     max_slice_nums: int | None = Field(

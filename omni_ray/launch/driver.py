@@ -53,8 +53,6 @@ def validate(cfg: Config) -> Validated:
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
-    if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":
-        raise ConfigError("model.dtype: fp16 training with FSDP2 keeps fp32 master weights; set model.dtype: float32")
     return Validated(spec, plan, hf_config)
 
 

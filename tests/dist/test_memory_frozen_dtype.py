@@ -16,7 +16,7 @@ import torch
 
 from omni_ray.config import FreezeConfig, LoraConfig, ScalingConfig, StrategyConfig, TrainConfig
 from omni_ray.freeze import apply_plan, plan_freeze
-from omni_ray.memory import estimate_memory, largest_layer_numel, layout_of, measured_peak
+from omni_ray.memory import estimate_memory, layout_of, measured_peak, unsharded_numels
 from omni_ray.models.spec import get_spec
 from omni_ray.strategies import build_strategy
 from omni_ray.train.session import LocalSession
@@ -52,7 +52,7 @@ def test_estimate_with_bf16_frozen_weights_within_25_percent(freeze, chunked):
     assert layout.frozen_dtype == torch.bfloat16  # train.frozen_dtype: auto under bf16
     layout = replace(layout, chunked_loss=chunked)
     estimate = estimate_memory(tiny_minicpmv, lambda m: apply_plan(m, plan, LORA), plan, layout, batch=BATCH,
-                               seq_len=SEQ, vocab=VOCAB, largest_layer=largest_layer_numel(plan, spec),
+                               seq_len=SEQ, vocab=VOCAB, **unsharded_numels(plan, spec),
                                compare_checkpointing=False)
     engine = build_strategy(StrategyConfig(name="fsdp"), train, torch.device("cpu"))
     wrapped = engine.wrap(apply_plan(model, plan, LORA), spec)
