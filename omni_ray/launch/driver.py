@@ -67,6 +67,20 @@ def memory_estimate(cfg: Config, checked: Validated) -> tuple[str, str | None]:
                          seq_len=cfg.data.model_max_length, gpu_memory_gb=cfg.scaling.gpu_memory_gb)
 
 
+def log_memory_estimate(cfg: Config, checked: Validated) -> None:
+    """Log the estimate (and its warning). It only advises: an architecture whose forward cannot
+    run on fake tensors gets a warning that says so, and the run goes on."""
+    try:
+        estimate, warning = memory_estimate(cfg, checked)
+    except Exception as err:  # noqa: BLE001 - any model code can fail under fake tensors
+        log.warning("memory: no estimate for this model (%s: %s); `omni-ray validate CONFIG --memory` shows the "
+                    "error in full", type(err).__name__, err)
+        return
+    log.info("%s", estimate)
+    if warning:
+        log.warning("%s", warning)
+
+
 def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray sized for this run."""
     from omni_ray.ray_init import connect_or_start, is_local
@@ -149,10 +163,7 @@ def train(cfg: Config, verbose: bool = False):
     checked = validate(cfg)
     # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
     # have scaled up and every worker has run out of memory.
-    estimate, warning = memory_estimate(cfg, checked)
-    log.info("%s", estimate)
-    if warning:
-        log.warning("%s", warning)
+    log_memory_estimate(cfg, checked)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     if cfg.scaling.use_gpu:
         wait_for_gpus(cfg.scaling)
