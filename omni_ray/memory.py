@@ -2,9 +2,11 @@
 
 The estimate is built from the model's config and the freeze plan, never from weights:
 
-    weights      by storage dtype (frozen groups may be held in bf16, trained ones in fp32
-                 masters), divided by the world size where the engine shards them (FSDP2,
-                 ZeRO-3) plus FSDP2's transient all-gather of the layers it unshards at once
+    weights      by storage dtype (frozen groups in ``train.frozen_dtype``, bf16 under bf16;
+                 trained ones as fp32 masters; DeepSpeed also keeps a compute-dtype copy of
+                 those), divided by the world size where the engine shards them (FSDP2, ZeRO-3)
+    gathered     the unsharded compute-dtype copies FSDP2 / ZeRO-3 make while computing: the
+                 root group (embeddings, head) for the whole forward+backward, two layers at once
     gradients    fp32, trained parameters only, sharded (FSDP2 reduce-scatters, ZeRO-2/3)
     optimizer    AdamW's two fp32 moments per trained parameter, sharded
     activations  what autograd keeps for the backward plus the transients around it: measured
