@@ -71,7 +71,8 @@ class ModelConfig(Section):
         False, description="Allow the checkpoint's own Python code (MiniCPM-V 2.x, MiniCPM-o). Off by default."
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "float32", description="dtype the weights are loaded in; training precision is train.precision."
+        "float32", description="dtype the weights are loaded in; training precision is train.precision, storage "
+        "while training train.frozen_dtype (frozen) and fp32 (trained)."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     max_slice_nums: int | None = Field(
@@ -287,6 +288,11 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Storage dtype of frozen parameters (trained ones always keep fp32 master weights and "
+        "optimizer state); auto: the precision's dtype (bf16 under bf16), so frozen weights take half the memory. "
+        "fp32 keeps them in full precision (FSDP2 only, when precision is bf16/fp16)."
+    )
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(1, ge=1)
@@ -298,6 +304,21 @@ class TrainConfig(Section):
     def betas(self) -> tuple[float, float]:
         """AdamW's (beta1, beta2)."""
         return (self.adam_beta1, self.adam_beta2)
+
+    @property
+    def frozen_storage(self) -> str:
+        """The storage dtype of frozen parameters: ``frozen_dtype`` with auto resolved (bf16 | fp16 | fp32)."""
+        return self.precision if self.frozen_dtype == "auto" else self.frozen_dtype
+
+    @model_validator(mode="after")
+    def _frozen_dtype_computes(self) -> "TrainConfig":
+        # Frozen 16-bit weights are used as they are stored: a matmul of bf16 weights with fp16
+        # or fp32 activations fails (or silently upcasts a copy of every weight at every step).
+        if self.frozen_storage not in (self.precision, "fp32"):
+            raise ValueError(f"train.frozen_dtype: {self.frozen_dtype} frozen weights cannot compute with "
+                             f"train.precision: {self.precision}; set train.frozen_dtype: auto (the precision's "
+                             "dtype) or fp32")
+        return self
 
 
 # DeepSpeed's top-level config keys (https://www.deepspeed.ai/docs/config-json/ and
