@@ -103,6 +103,10 @@ class Strategy(ABC):
     def load_state(self, state: dict) -> None:
         """Restore what ``save_state`` wrote (either engine's). Every rank, after ``setup_optimizer``."""
 
+    def storage_dtype(self, param) -> torch.dtype:
+        """The dtype this engine keeps ``param`` in: a trained one's master weights, a frozen one's tensor."""
+        return param.dtype
+
     def save_sharded(self, path: str, trainable_only: bool = False) -> None:
         """Every rank writes its part into ``path`` (rank-unique file names), optimizer included. Collective."""
         raise NotImplementedError(f"{self.name}: no sharded checkpoints (supports_sharded_checkpoint is False)")

@@ -29,7 +29,9 @@ in 16 bits, the optimizer keeps fp32 master weights of the trainable ones (its p
 and gradients are reduced in fp32 (``communication_data_type``), like FSDP2's
 ``reduce_dtype=float32``. Checkpoints take trainable tensors from the fp32 masters
 (``deepspeed.utils.safe_get_full_fp32_param``); frozen ones, when written at all
-(``checkpoint.trainable_only: false``), are the 16-bit values the model computed with.
+(``checkpoint.trainable_only: false``), are the 16-bit values the model computed with. So frozen
+weights are stored in the precision's dtype (``train.frozen_dtype: auto``); fp32 frozen weights
+beside 16-bit compute are FSDP2's alone (``deepspeed_config`` says so).
 
 fp16 on CPU. DeepSpeed's CPU accelerator reports fp16 as supported when oneDNN has fp16 kernels
 for this CPU (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, AVX512-FP16 / AMX-FP16); elsewhere
@@ -105,6 +107,12 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(strategy: StrategyConfig, train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config for these settings (pure: no process group, no DeepSpeed import)."""
     stage = strategy.zero_stage
+    if train.precision in HALF and train.frozen_storage != train.precision:
+        # DeepSpeed's bf16/fp16 engine holds every module parameter in 16 bits (trained ones get fp32
+        # masters in the optimizer): fp32 frozen weights would meet 16-bit activations.
+        raise ConfigError(f"train.frozen_dtype: DeepSpeed holds all weights in train.precision ({train.precision}) "
+                          f"and cannot keep frozen ones in {train.frozen_storage}; set train.frozen_dtype: auto, or "
+                          "strategy.name: fsdp")
     if strategy.offload_params and stage != 3:
         raise ConfigError(f"strategy.offload_params: ZeRO-{stage} keeps full parameters on every rank and cannot "
                           "offload them; set strategy.zero_stage: 3, or offload_params: false")
@@ -255,6 +263,13 @@ class DeepSpeedStrategy(Strategy):
             if managed:
                 return [p for group in managed for p in group]
         return [p for g in groups for p in g["params"]]
+
+    def storage_dtype(self, param) -> torch.dtype:
+        """Trained: the dtype of ZeRO's flat master partitions (the tensors the torch optimizer steps);
+        the module's own copy is only the compute copy. Frozen: the module's tensor."""
+        if param.requires_grad:
+            return zero_state.flat_partitions(self.engine.optimizer)[0].dtype
+        return param.dtype
 
     def forward(self, batch: dict):
         dtype = self.half_dtype
