@@ -12,11 +12,17 @@ referenced; not process RSS). Estimated: ``estimate_memory`` from the config and
 only (its activation term is a forward+backward on fake tensors; gradients and AdamW state from
 the plan's counts). Both are the step's bytes above the weights, world size 1, fp32.
 
+Low-precision frozen weights: the same three freeze maps with the chunked loss, trained by the
+FSDP2 engine itself (one process, world size 1, gloo) under bf16 precision, so frozen weights are
+stored in bf16 and trained ones in fp32 (``train.frozen_dtype: auto``); the estimate uses the
+layout ``layout_of`` derives from those settings. Each row also prints the weight bytes as the
+engine stores them beside an all-fp32 copy.
+
 Then the real MiniCPM-V 4.6 at full size (1.30B, random init from its config; bf16 frozen base,
 vision and projector frozen, fp32 LoRA r=64 on the LLM): two measured steps, and the estimate
 for a 24 GiB GPU at its training shape (2048 tokens).
 
-    python bench/memory.py [--seq 256] [--full-config PATH/config.json] [--skip-full]
+    python bench/memory.py [--seq 256] [--full-config PATH/config.json] [--skip-full] [--only-low-precision]
 """
 
 from __future__ import annotations
@@ -95,9 +101,39 @@ def side_by_side(seq: int) -> dict:
     return measured_by
 
 
+def low_precision_frozen(seq: int) -> None:
+    """Estimate vs measured with bf16 frozen weights, each model wrapped by the FSDP2 engine."""
+    from omni_ray.config import ScalingConfig, StrategyConfig, TrainConfig
+    from omni_ray.memory import layout_of, unsharded_numels
+    from omni_ray.strategies import build_strategy
+    from omni_ray.train.session import LocalSession
+
+    LocalSession()  # a world-1 process group for fully_shard
+    build = model_factory(bench_config())
+    spec, lora = get_spec("minicpmv4_6"), LoraConfig(r=16, alpha=32, dropout=0.0)
+    train, strategy = TrainConfig(precision="bf16"), StrategyConfig(name="fsdp")
+    layout = layout_of(train, strategy, ScalingConfig(num_workers=1))
+    for name, freeze in FREEZE_MAPS.items():
+        torch.manual_seed(0)
+        model = build()
+        plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec,
+                           FreezeConfig(**freeze), lora, 1e-4)
+        est = estimate_memory(build, lambda m, plan=plan: apply_plan(m, plan, lora), plan, layout, batch=1,
+                              seq_len=seq, vocab=VOCAB, **unsharded_numels(plan, spec),
+                              compare_checkpointing=False)
+        wrapped = build_strategy(strategy, train, torch.device("cpu")).wrap(apply_plan(model, plan, lora), spec)
+        stored = sum(p.to_local().nbytes for p in wrapped.parameters())
+        all_fp32 = sum(4 * p.numel() for p in wrapped.parameters())
+        measured = measure(wrapped, True, seq)
+        print(f"{name:<22} bf16 frozen   weights {stored / MiB:6.1f} MiB (all fp32: {all_fp32 / MiB:6.1f} MiB)  "
+              f"estimate {est.step_bytes / MiB:7.1f} MiB  measured {measured / MiB:7.1f} MiB  "
+              f"estimate/measured = {est.step_bytes / measured:.2f}", flush=True)
+        del model, wrapped
+
+
 def full_size(config_path: str, seq: int) -> None:
     """One measured step of the real MiniCPM-V 4.6 (bf16, vision frozen + LoRA r=64) and its GPU estimate."""
-    from omni_ray.memory import largest_layer_numel
+    from omni_ray.memory import unsharded_numels
 
     config = json.loads(Path(config_path).read_text())
     build = model_factory(config, torch.bfloat16)
@@ -122,7 +158,7 @@ def full_size(config_path: str, seq: int) -> None:
           f"measured {measured / MiB:.0f} MiB  estimate/measured = {est.step_bytes / measured:.2f}", flush=True)
     del model
     gpu = estimate_memory(build, lambda m: apply_plan(m, plan, lora), plan, layout, batch=1, seq_len=2048,
-                          vocab=config["text_config"]["vocab_size"], largest_layer=largest_layer_numel(plan, spec),
+                          vocab=config["text_config"]["vocab_size"], **unsharded_numels(plan, spec),
                           compare_checkpointing=False)
     print(f"MiniCPM-V 4.6 on one GPU (bf16, 2048 tokens, vision + projector frozen, LoRA r=64): estimate "
           f"{gpu.total / GiB:.2f} GiB -> {'fits' if gpu.total <= 24 * GiB else 'does NOT fit'} in 24 GiB")
@@ -135,11 +171,16 @@ def main() -> None:
     parser.add_argument("--full-config", default=None, help="MiniCPM-V 4.6 config.json (default: the repo's copy)")
     parser.add_argument("--full-seq", type=int, default=128)
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--only-low-precision", action="store_true", help="only the bf16-frozen rows")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"device CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, vocab {VOCAB}, "
-          f"batch 1 x {args.seq} tokens, fp32, world size 1", flush=True)
+          f"batch 1 x {args.seq} tokens, world size 1", flush=True)
+    if args.only_low_precision:
+        low_precision_frozen(args.seq)
+        return
     measured = side_by_side(args.seq)
+    low_precision_frozen(args.seq)
     if not args.skip_full:
         path = args.full_config or next((p for p in FULL_CONFIG_CANDIDATES if Path(p).exists()), None)
         if path is None:

@@ -71,7 +71,8 @@ class ModelConfig(Section):
         False, description="Allow the checkpoint's own Python code (MiniCPM-V 2.x, MiniCPM-o). Off by default."
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "float32", description="dtype the weights are loaded in; training precision is train.precision."
+        "float32", description="dtype the weights are loaded in; training precision is train.precision, storage "
+        "while training train.frozen_dtype (frozen) and fp32 (trained)."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     max_slice_nums: int | None = Field(
@@ -287,6 +288,11 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    frozen_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Storage dtype of frozen parameters (trained ones always keep fp32 master weights and "
+        "optimizer state); auto: the precision's dtype (bf16 under bf16), so frozen weights take half the memory. "
+        "fp32 keeps them in full precision (FSDP2 only, when precision is bf16/fp16)."
+    )
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(1, ge=1)
@@ -298,6 +304,21 @@ class TrainConfig(Section):
     def betas(self) -> tuple[float, float]:
         """AdamW's (beta1, beta2)."""
         return (self.adam_beta1, self.adam_beta2)
+
+    @property
+    def frozen_storage(self) -> str:
+        """The storage dtype of frozen parameters: ``frozen_dtype`` with auto resolved (bf16 | fp16 | fp32)."""
+        return self.precision if self.frozen_dtype == "auto" else self.frozen_dtype
+
+    @model_validator(mode="after")
+    def _frozen_dtype_computes(self) -> "TrainConfig":
+        # Frozen 16-bit weights are used as they are stored: a matmul of bf16 weights with fp16
+        # or fp32 activations fails (or silently upcasts a copy of every weight at every step).
+        if self.frozen_storage not in (self.precision, "fp32"):
+            raise ValueError(f"train.frozen_dtype: {self.frozen_dtype} frozen weights cannot compute with "
+                             f"train.precision: {self.precision}; set train.frozen_dtype: auto (the precision's "
+                             "dtype) or fp32")
+        return self
 
 
 # DeepSpeed's top-level config keys (https://www.deepspeed.ai/docs/config-json/ and
@@ -436,6 +457,12 @@ class RunConfig(Section):
 #   lora_modules_to_save: finetune.py declares it but never hands it to peft; here it has
 #   peft's meaning (those modules train in full beside the adapters), as a freeze override.
 #   lora_bias: peft's meaning (lora.bias): none, all biases, or those of adapted modules train.
+#   lora_weight_path, lora_layer_replication: finetune.py declares them but never reads them (LoRA
+#   always starts fresh, no layer is replicated). lora_layers_to_transform: finetune.py passes it to
+#   peft with its *string* lora_target_modules, and peft filters layers only for a list of names
+#   (peft 0.21 refuses the pair outright), so it never selects anything there. Their empty
+#   defaults are accepted; any other value is an error saying so and what to write instead,
+#   rather than a setting that silently does nothing.
 #
 # Flags that set one key here: _FLAG_KEYS. Flags handled together (precision, schedule, the freeze
 # map): map_minicpmv_flags. Flags of the scripts that steer Hugging Face Trainer plumbing with no
@@ -506,6 +533,21 @@ _FLAG_CHOICES = {
 _FLAG_SPECIAL: dict[str, type] = {
     "tune_vision": bool, "tune_llm": bool, "use_lora": bool, "bf16": bool, "fp16": bool,
     "lora_modules_to_save": str, "deepspeed": str, "warmup_ratio": float, "lr_scheduler_type": str,
+    # Lists in finetune.py and without effect there: any value is taken as given (and refused, see below).
+    "lora_weight_path": object, "lora_layer_replication": object, "lora_layers_to_transform": object,
+}
+# LoraArguments of finetune.py that change nothing in its recipe: what to write instead.
+_FLAG_UNUSED = {
+    "lora_weight_path": "MiniCPM-V's finetune.py declares it but never uses it (LoRA starts from fresh adapters); "
+                        "to continue a run use checkpoint resume (the run's storage path), or merge the adapters "
+                        "into the model (omni-ray export) and train from that",
+    "lora_layer_replication": "MiniCPM-V's finetune.py declares it but never hands it to peft (no layer is "
+                              "replicated); remove it",
+    "lora_layers_to_transform": "finetune.py hands it to peft beside its regex lora_target_modules, and peft "
+                                "applies layers_to_transform only to a list of module names (recent peft refuses "
+                                "the pair), so it selects nothing there; to adapt some layers only, put their "
+                                r"indices in lora_target_modules (e.g. llm\..*layers\.(3|7)\.self_attn\."
+                                "(q_proj|k_proj|v_proj)) or set freeze.llm: {mode: lora, last_n_layers: N}",
 }
 MINICPMV_FLAGS = tuple([*_FLAG_SPECIAL, *_FLAG_KEYS, *_FLAG_ACCEPTED])
 _log = logging.getLogger(__name__)
@@ -574,6 +616,8 @@ def flag_value(flag: str, value: Any, kind: type) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         raise ValueError(f"{flag}: {value!r} is not a boolean; write true or false")
+    if kind is object:
+        return None if value in ("", [], None) else value
     if kind is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"{flag}: {value!r} is not a string")
@@ -641,6 +685,13 @@ def _map_freeze_flags(raw: dict, flags: dict) -> None:
         overrides.append({"pattern": rf"(^|\.){re.escape(name)}\.", "mode": "full"})
 
 
+def _map_lora_flags(raw: dict, flags: dict) -> None:
+    """LoRA arguments finetune.py declares but that have no effect in its recipe: refused unless unset."""
+    for flag, instead in _FLAG_UNUSED.items():
+        if flags.get(flag) not in (None, ""):
+            raise ValueError(f"{flag}: {instead}")
+
+
 def _map_train_flags(raw: dict, flags: dict) -> None:
     """Precision, DeepSpeed config and LR schedule flags, which set several keys or need each other."""
     if "bf16" in flags or "fp16" in flags:
@@ -680,6 +731,7 @@ def map_minicpmv_flags(raw: dict) -> dict:
         if flag in flags:
             _setdefault_path(raw, dotted, flags[flag], flag)
     _map_freeze_flags(raw, flags)
+    _map_lora_flags(raw, flags)
     _map_train_flags(raw, flags)
     for flag in sorted(set(flags) & set(_FLAG_ACCEPTED)):
         _log.info("%s=%r accepted: %s", flag, flags[flag], _FLAG_ACCEPTED[flag][1])

@@ -261,12 +261,21 @@ def _plan_notes(ignored_targets: set[str], tied: tuple[str, str] | None, params:
     return tuple(notes)
 
 
-def format_plan(plan: FreezePlan) -> str:
-    lines = [f"{'group':<11} {'mode':<18} {'params':>14} {'trainable':>14} {'lr':>10}"]
+def storage_label(frozen: Iterable[str], trained: Iterable[str]) -> str:
+    """A group's storage dtypes as ``frozen/trained`` ("bf16/fp32"), one side when the other is empty."""
+    frozen, trained = "+".join(sorted(set(frozen))), "+".join(sorted(set(trained)))
+    return f"{frozen}/{trained}" if frozen and trained else frozen or trained or "-"
+
+
+def format_plan(plan: FreezePlan, frozen_dtype: str = "fp32") -> str:
+    """The plan by group; ``storage`` is frozen/trained dtype (``train.frozen_storage`` / fp32 masters)."""
+    lines = [f"{'group':<11} {'mode':<18} {'params':>14} {'trainable':>14} {'lr':>10} {'storage':>10}"]
     for row in plan.rows():
+        frozen = [frozen_dtype] if row["trainable"] < row["total"] + plan.lora_numel.get(row["group"], 0) else []
         lines.append(
             f"{row['group']:<11} {row['mode']:<18} {row['total']:>14,} {row['trainable']:>14,} "
             + (f"{row['lr']:>10.2e}" if row["trainable"] else f"{'-':>10}")
+            + f" {storage_label(frozen, ['fp32'] if row['trainable'] else []):>10}"
         )
     total = sum(p.numel for p in plan.params)
     trainable = plan.trainable_numel()
@@ -349,6 +358,20 @@ class AuditRow:
     frozen_with_grad: int = 0
     frozen_with_optimizer_state: int = 0
     unplanned: list[str] = field(default_factory=list)
+    frozen_dtypes: set[str] = field(default_factory=set)
+    """Storage dtypes of the group's frozen tensors and of its trained ones' master weights."""
+    trained_dtypes: set[str] = field(default_factory=set)
+
+    @property
+    def storage(self) -> str:
+        return storage_label(self.frozen_dtypes, self.trained_dtypes)
+
+
+SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
+def short_dtype(dtype) -> str:
+    return SHORT_DTYPES.get(str(dtype), str(dtype).removeprefix("torch."))
 
 
 def _local(t):
@@ -373,13 +396,17 @@ def frozen_fingerprint(model) -> dict[str, float]:
     return dict(sums)
 
 
-def audit(model, plan: FreezePlan, optimizer_params: Iterable, optimizer_state: dict | None = None) -> list[AuditRow]:
+def audit(model, plan: FreezePlan, optimizer_params: Iterable, optimizer_state: dict | None = None,
+          storage_dtype=None) -> list[AuditRow]:
     """Check the wrapped model against the plan. Raises FreezeAuditError with every mismatch.
 
     ``optimizer_params`` are the tensors handed to the optimizer; ``optimizer_state`` maps a
     parameter to its state (torch optimizers' ``.state``). Gradients are checked as they are now,
     so calling this after ``optimizer.step()`` but before ``zero_grad`` sees the real ones.
+    ``storage_dtype(param)`` is the dtype the engine keeps the parameter in (a trained one's
+    master weights; ``Strategy.storage_dtype``), recorded per group; default ``param.dtype``.
     """
+    storage_dtype = storage_dtype or (lambda param: param.dtype)
     by_name = {p.name: p for p in plan.params}
     planned_lora = set(plan.lora_modules)
     in_optimizer = {id(p) for p in optimizer_params}
@@ -405,6 +432,7 @@ def audit(model, plan: FreezePlan, optimizer_params: Iterable, optimizer_state: 
             should_train = by_name[base].mode == "full"
         row = rows.setdefault(plan_group, AuditRow(plan_group))
         numel = getattr(param, "ds_numel", None) or param.numel()
+        (row.trained_dtypes if param.requires_grad else row.frozen_dtypes).add(short_dtype(storage_dtype(param)))
         if param.requires_grad:
             row.trainable += numel
             if not should_train:
@@ -435,9 +463,11 @@ def audit(model, plan: FreezePlan, optimizer_params: Iterable, optimizer_state: 
 
 def format_audit(rows: list[AuditRow]) -> str:
     """Trainable counts are global (FSDP2 DTensors and ZeRO-3 ds_numel report the full size)."""
-    lines = [f"freeze audit: {'group':<11} {'planned':>12} {'trainable':>12} {'grad on frozen':>15} {'opt state on frozen':>20}"]
+    lines = [f"freeze audit: {'group':<11} {'planned':>12} {'trainable':>12} {'grad on frozen':>15} "
+             f"{'opt state on frozen':>20} {'storage frozen/trained':>23}"]
     for r in rows:
         lines.append(
-            f"{'':<14}{r.group:<11} {r.planned_trainable:>12,} {r.trainable:>12,} {r.frozen_with_grad:>15} {r.frozen_with_optimizer_state:>20}"
+            f"{'':<14}{r.group:<11} {r.planned_trainable:>12,} {r.trainable:>12,} {r.frozen_with_grad:>15} "
+            f"{r.frozen_with_optimizer_state:>20} {r.storage:>23}"
         )
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 The estimate is built from the model's config and the freeze plan, never from weights:
 
-    weights      by storage dtype (frozen groups may be held in bf16, trained ones in fp32
-                 masters), divided by the world size where the engine shards them (FSDP2,
-                 ZeRO-3) plus FSDP2's transient all-gather of the layers it unshards at once
+    weights      by storage dtype (frozen groups in ``train.frozen_dtype``, bf16 under bf16;
+                 trained ones as fp32 masters; DeepSpeed also keeps a compute-dtype copy of
+                 those), divided by the world size where the engine shards them (FSDP2, ZeRO-3)
+    gathered     the unsharded compute-dtype copies FSDP2 / ZeRO-3 make while computing: the
+                 root group (embeddings, head) for the whole forward+backward, two layers at once
     gradients    fp32, trained parameters only, sharded (FSDP2 reduce-scatters, ZeRO-2/3)
     optimizer    AdamW's two fp32 moments per trained parameter, sharded
     activations  what autograd keeps for the backward plus the transients around it: measured
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -129,6 +132,7 @@ class MemoryEstimate:
     activations_other: int | None  # with the opposite setting, for comparison (None: not estimated)
     logits: int  # the loss's share: full logits, or one chunk
     gradient_checkpointing: bool
+    gathered: int = 0  # unsharded copies FSDP2 / ZeRO-3 gather for compute (freed before the optimizer step)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -138,9 +142,10 @@ class MemoryEstimate:
     @property
     def step_bytes(self) -> int:
         """What one step adds above the loaded weights (the measured side's baseline): the
-        optimizer state and gradients, plus the larger of the activations (forward, backward)
-        and the optimizer's temporaries (its step, after the activations are freed)."""
-        return self.gradients + self.optimizer + max(self.activations, self.optimizer_step)
+        optimizer state and gradients, plus the larger of the forward/backward's share (activations
+        and the gathered unsharded weights) and the optimizer's temporaries (its step, after both
+        are freed)."""
+        return self.gradients + self.optimizer + max(self.activations + self.gathered, self.optimizer_step)
 
     def format(self) -> str:
         ckpt = "on" if self.gradient_checkpointing else "off"
@@ -152,6 +157,7 @@ class MemoryEstimate:
                   f"  optimizer state   {self.optimizer / GiB:8.2f} GiB (+{self.optimizer_step / GiB:.2f} GiB "
                   f"temporaries in its step)",
                   f"  activations       {self.activations / GiB:8.2f} GiB (gradient checkpointing {ckpt}{other})",
+                  f"  gathered weights  {self.gathered / GiB:8.2f} GiB (unsharded while computing)",
                   f"    of which loss   {self.logits / GiB:8.2f} GiB"]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
@@ -167,21 +173,34 @@ def _numels(plan) -> tuple[int, int]:
     return frozen, trained
 
 
-def _weights(plan, layout: Layout, largest_layer: int) -> dict[str, int]:
+def _weights(plan, layout: Layout) -> dict[str, int]:
+    """Weight bytes by storage dtype on one worker.
+
+    FSDP2: frozen tensors in ``frozen_dtype``, trained ones in fp32 (its master weights), both
+    sharded. DeepSpeed: the module holds every parameter in the compute dtype (sharded under
+    ZeRO-3 only), and the optimizer fp32 masters of the trained ones, partitioned over all ranks
+    (ZeRO-1 and up).
+    """
     frozen, trained = _numels(plan)
-    shard = layout.world if layout.shard_weights else 1
-    out = {_dtype_name(layout.frozen_dtype): frozen * layout.frozen_dtype.itemsize // shard}
-    fp32 = "float32"
-    out[fp32] = out.get(fp32, 0) + trained * MASTER_BYTES // shard
-    if layout.compute_dtype != torch.float32 and layout.engine == "deepspeed":
-        # ZeRO keeps a 16-bit copy of every parameter beside the fp32 masters of the trained ones.
-        name = _dtype_name(layout.compute_dtype)
-        out[name] = out.get(name, 0) + trained * layout.compute_dtype.itemsize // shard
-    if layout.shard_weights and layout.world > 1:
-        # FSDP2 / ZeRO-3 gather a layer before it runs and prefetch the next: two unsharded layers.
-        name = _dtype_name(layout.compute_dtype)
-        out[name] = out.get(name, 0) + 2 * largest_layer * layout.compute_dtype.itemsize
+    module_shard = layout.world if layout.shard_weights else 1
+    out: dict[str, int] = defaultdict(int)
+    out[_dtype_name(layout.frozen_dtype)] += frozen * layout.frozen_dtype.itemsize // module_shard
+    if layout.engine == "deepspeed":
+        out[_dtype_name(layout.compute_dtype)] += trained * layout.compute_dtype.itemsize // module_shard
+        out["float32"] += trained * MASTER_BYTES // layout.world
+    else:
+        out["float32"] += trained * MASTER_BYTES // module_shard
     return {k: v for k, v in out.items() if v}
+
+
+def _gathered(layout: Layout, root: int, largest_layer: int) -> int:
+    """Unsharded compute-dtype copies FSDP2 / ZeRO-3 make while computing (also at world size 1:
+    the all-gather writes into a new buffer): the root group's parameters (embeddings, head,
+    norms: outside every repeated layer, kept from the forward to the end of the backward) and
+    two layers (the one running and the one prefetched)."""
+    if not layout.shard_weights:
+        return 0
+    return (root + 2 * largest_layer) * layout.compute_dtype.itemsize
 
 
 def _fake_step(build_model: Callable, apply: Callable, batch: int, seq_len: int, layout: Layout,
@@ -275,13 +294,16 @@ def loss_bytes(tokens: int, vocab: int, compute_dtype: torch.dtype, chunked: boo
 
 
 def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout, *, batch: int, seq_len: int,
-                    vocab: int, largest_layer: int = 0, compare_checkpointing: bool = True) -> MemoryEstimate:
+                    vocab: int, largest_layer: int = 0, root: int = 0,
+                    compare_checkpointing: bool = True) -> MemoryEstimate:
     """Per-worker bytes by component for one training step (see the module docstring).
 
     ``build_model()`` returns the transformers model from its config (it runs on the meta
     device: no weights are read or allocated); ``apply(model)`` applies the freeze plan. Each
     fake forward+backward costs about a millisecond per op (seconds for a model);
     ``compare_checkpointing=False`` skips the one with the other checkpointing setting.
+    ``largest_layer`` and ``root`` (``unsharded_numels``) size what a sharding engine gathers;
+    0 for a model run as is (no engine).
     """
     frozen, trained = _numels(plan)
     shard = layout.world  # FSDP2 and ZeRO-2/3 all shard gradients and optimizer state
@@ -293,7 +315,8 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
     if layout.shard_weights and layout.world > 1 and not largest_layer:
         notes.append("the unsharded layer FSDP2/ZeRO-3 gathers at a time is not counted (largest_layer=0)")
     return MemoryEstimate(
-        weights=_weights(plan, layout, largest_layer),
+        weights=_weights(plan, layout),
+        gathered=_gathered(layout, root, largest_layer),
         gradients=trained * MASTER_BYTES // shard,
         optimizer=trained * ADAM_STATE_BYTES // shard,
         optimizer_step=_adam_temporaries(plan, trained, layout) // shard,
@@ -308,40 +331,46 @@ def estimate_memory(build_model: Callable, apply: Callable, plan, layout: Layout
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def largest_layer_numel(plan, spec) -> int:
-    """Parameters of the biggest repeated layer: what FSDP2 / ZeRO-3 hold unsharded at once."""
+def unsharded_numels(plan, spec) -> dict[str, int]:
+    """``estimate_memory``'s ``largest_layer`` (parameters of the biggest repeated layer, gathered
+    one at a time) and ``root`` (parameters outside every repeated layer: FSDP2's root group)."""
     sizes: dict[tuple[str, int], int] = {}
+    root = 0
     for p in plan.params:
         index = spec.layer_index(p.group, p.name)
-        if index is not None:
+        if index is None:
+            root += p.numel
+        else:
             sizes[(p.group, index)] = sizes.get((p.group, index), 0) + p.numel
-    return max(sizes.values(), default=0)
+    return {"largest_layer": max(sizes.values(), default=0), "root": root}
 
 
-def layout_of(model_dtype: str, train, strategy, scaling) -> Layout:
-    """How the configured engine holds the model (train, strategy and scaling sections)."""
+
+def layout_of(train, strategy, scaling) -> Layout:
+    """How the configured engine holds the model (train, strategy and scaling sections): frozen
+    weights in ``train.frozen_storage``, trained ones as fp32 masters (see the strategies)."""
     return Layout(world=scaling.num_workers,
                   shard_weights=strategy.name == "fsdp" or strategy.zero_stage == 3,
-                  compute_dtype=PRECISION_DTYPES[train.precision], frozen_dtype=getattr(torch, model_dtype),
+                  compute_dtype=PRECISION_DTYPES[train.precision],
+                  frozen_dtype=PRECISION_DTYPES[train.frozen_storage],
                   gradient_checkpointing=train.gradient_checkpointing, engine=strategy.name,
                   optimizer_foreach=scaling.use_gpu)
 
 
 def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
-                  gpu_memory_gb: float | None) -> list[str]:
-    """Lines for ``omni-ray validate``: the estimate by component and, if it does not fit, a warning."""
+                  gpu_memory_gb: float | None) -> tuple[str, str | None]:
+    """The estimate by component (text) and, if it is above the device's memory, a warning (else None)."""
     if spec.remote_code:
-        return ["memory: no estimate for remote-code models (their classes are not run before training)"]
+        return "memory: no estimate for remote-code models (their classes are not run before training)", None
     from omni_ray.freeze import apply_plan
     from omni_ray.models.loading import build_skeleton
 
     text = hf_config.get("text_config", hf_config)
     estimate = estimate_memory(lambda: build_skeleton(model_cfg, spec, hf_config), lambda m: apply_plan(m, plan, lora),
                                plan, layout, batch=batch, seq_len=seq_len, vocab=int(text["vocab_size"]),
-                               largest_layer=largest_layer_numel(plan, spec), compare_checkpointing=False)
+                               **unsharded_numels(plan, spec), compare_checkpointing=False)
     limit, source = device_memory_bytes(gpu_memory_gb)
-    warning = fits_warning(estimate, limit, source)
-    return [estimate.format(), *([warning] if warning else [])]
+    return estimate.format(), fits_warning(estimate, limit, source)
 
 
 def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:
@@ -363,4 +392,4 @@ def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> st
 
 
 __all__ = ["Layout", "LiveTensorBytes", "MemoryEstimate", "device_memory_bytes", "estimate_memory",
-           "fits_warning", "layout_of", "loss_bytes", "memory_report"]
+           "fits_warning", "layout_of", "loss_bytes", "memory_report", "unsharded_numels"]

@@ -33,6 +33,9 @@ from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _BLOCK_TYPE = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+# Processors whose video path breaks on return_tensors="np" (InternVL flattens with torch's
+# ``flatten(0, 1)``): a video sample for them is rejected by reason, never a crash mid-epoch.
+_VIDEO_NOT_NUMPY = ("InternVLProcessor",)
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
@@ -101,7 +104,11 @@ class SampleProcessor:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         video_token = getattr(self.processor, "video_token", None)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
-        self._end_markers = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        # End-of-turn markers are special tokens, but not always named ones: Gemma's <end_of_turn> is an
+        # added special token outside all_special_tokens, and must be labelled so the model learns to stop.
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        specials = {*self.tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}
+        self._end_markers = sorted({t for t in specials if t}, key=len, reverse=True)
 
     def template(self, conversation: list[dict], tools: list | None = None, generation: bool = False) -> str:
         return self.processor.apply_chat_template(conversation, tools=tools, tokenize=False,
@@ -222,6 +229,11 @@ class SampleProcessor:
         if videos and getattr(self.processor, "video_processor", None) is None:
             raise DataError("unsupported_modality", f"{type(self.processor).__name__} takes no video; drop the "
                             "sample's videos or train a model with video input (Qwen2-VL, Qwen2.5-VL, MiniCPM-V 4.x)")
+        if videos and type(self.processor).__name__ in _VIDEO_NOT_NUMPY:
+            raise DataError("unsupported_modality", f"{type(self.processor).__name__} cannot prepare video for "
+                            "training here (transformers' processor fails on numpy video tensors); drop the "
+                            "sample's videos or train a model whose video path works (Qwen2-VL, Qwen2.5-VL, "
+                            "Qwen3-VL, MiniCPM-V 4.x, LLaVA-OneVision)")
         if any("<audio>" in m["content"] for m in messages):
             raise DataError("unsupported_modality", "audio is not supported: no model family here takes audio input")
 

@@ -32,9 +32,7 @@ def _config(args) -> Config:
 
 def cmd_validate(args) -> int:
     from omni_ray.freeze import format_plan
-    from omni_ray.launch.driver import validate
-    from omni_ray.memory import layout_of, memory_report
-    from omni_ray.models.loading import read_hf_config
+    from omni_ray.launch.driver import memory_estimate, validate
 
     if args.list_archs:
         from omni_ray.models.spec import all_specs
@@ -50,14 +48,11 @@ def cmd_validate(args) -> int:
     cfg = _config(args)
     result = validate(cfg)
     print(f"model: {cfg.model.path} ({result.spec.name})")
-    print(format_plan(result.plan))
+    print(format_plan(result.plan, cfg.train.frozen_storage))
     print(f"strategy: {cfg.strategy.name}" + (f" ZeRO-{cfg.strategy.zero_stage}" if cfg.strategy.name == "deepspeed" else "")
           + f", {cfg.scaling.num_workers} workers, precision {cfg.train.precision}")
     if args.memory:
-        print("\n".join(memory_report(cfg.model, read_hf_config(cfg.model, cfg.storage), result.spec, result.plan, cfg.lora,
-                                     layout_of(cfg.model.dtype, cfg.train, cfg.strategy, cfg.scaling),
-                                     batch=cfg.train.micro_batch_size, seq_len=cfg.data.model_max_length,
-                                     gpu_memory_gb=cfg.scaling.gpu_memory_gb)))
+        print("\n".join(line for line in memory_estimate(cfg, result) if line))
     print("config ok")
     return 0
 

@@ -24,13 +24,14 @@ from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
 from omni_ray.storage import RunLocation, StorageConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Validated:
     spec: ModelSpec
     plan: FreezePlan
+    hf_config: dict
 
 
 def validate(cfg: Config) -> Validated:
@@ -56,9 +57,32 @@ def validate(cfg: Config) -> Validated:
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
-    if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp" and cfg.model.dtype != "float32":
-        raise ConfigError("model.dtype: fp16 training with FSDP2 keeps fp32 master weights; set model.dtype: float32")
-    return Validated(spec, plan)
+    return Validated(spec, plan, hf_config)
+
+
+def memory_estimate(cfg: Config, checked: Validated) -> tuple[str, str | None]:
+    """The per-worker memory estimate for this run (text by component) and a warning when it is
+    above the device (``scaling.gpu_memory_gb`` or the detected GPU), else None. No weights are
+    read: one forward and backward on fake tensors (seconds for a small model, about a minute at 9B)."""
+    from omni_ray.memory import layout_of, memory_report
+
+    return memory_report(cfg.model, checked.hf_config, checked.spec, checked.plan, cfg.lora,
+                         layout_of(cfg.train, cfg.strategy, cfg.scaling), batch=cfg.train.micro_batch_size,
+                         seq_len=cfg.data.model_max_length, gpu_memory_gb=cfg.scaling.gpu_memory_gb)
+
+
+def log_memory_estimate(cfg: Config, checked: Validated) -> None:
+    """Log the estimate (and its warning). It only advises: an architecture whose forward cannot
+    run on fake tensors gets a warning that says so, and the run goes on."""
+    try:
+        estimate, warning = memory_estimate(cfg, checked)
+    except Exception as err:  # noqa: BLE001 - any model code can fail under fake tensors
+        log.warning("memory: no estimate for this model (%s: %s); `omni-ray validate CONFIG --memory` shows the "
+                    "error in full", type(err).__name__, err)
+        return
+    log.info("%s", estimate)
+    if warning:
+        log.warning("%s", warning)
 
 
 def ensure_ray(scaling: ScalingConfig, data: DataConfig, storage: StorageConfig) -> None:
@@ -143,7 +167,7 @@ def wait_for_gpus(scaling: ScalingConfig, poll_s: float = 1.0) -> bool:
 
     if not short():
         return False
-    logger.info("waiting up to %gs for nodes with %s (scaling.gpu_wait_timeout_s)", scaling.gpu_wait_timeout_s,
+    log.info("waiting up to %gs for nodes with %s (scaling.gpu_wait_timeout_s)", scaling.gpu_wait_timeout_s,
                 _amounts(wanted))
     # The request stays while the run lasts: a node lost mid-run is replaced even before Ray
     # Train asks again.
@@ -186,7 +210,10 @@ def train(cfg: Config, verbose: bool = False):
     from omni_ray.train.loop import train_loop_per_worker
 
     quiet_driver(verbose)
-    validate(cfg)
+    checked = validate(cfg)
+    # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
+    # have scaled up and every worker has run out of memory.
+    log_memory_estimate(cfg, checked)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     asked = wait_for_gpus(cfg.scaling)
     num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)

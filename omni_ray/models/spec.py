@@ -258,7 +258,8 @@ LLAVA_ONEVISION = register(
         layer_lists={"llm": "model.language_model.layers", "vision": "model.vision_tower.encoder.layers"},
         layer_classes=("SiglipEncoderLayer", "Qwen2DecoderLayer"),
         lora_targets={"llm": _ATTN_MLP, "vision": _SIGLIP_LORA, "projector": ("linear_1", "linear_2")},
-        # batch_num_images: single-image samples are tiled (anyres), multi-image ones are not.
-        image_inputs={"pixel_values": 0, "image_sizes": 0, "batch_num_images": 0},
+        # batch_num_images: single-image samples are tiled (anyres), multi-image ones are not. Videos
+        # arrive as (1, frames, 3, H, W) per sample and concatenate along the sample dim.
+        image_inputs={"pixel_values": 0, "image_sizes": 0, "batch_num_images": 0, "pixel_values_videos": 0},
     )
 )

@@ -35,8 +35,8 @@ MINICPMV_STANDIN_TEMPLATE = (
 def standin_chat_template(image: str, video: str = "") -> str:
     """A ChatML stand-in that renders content blocks with the family's own image/video text.
 
-    Written here, NOT published: for the families whose template is not on file yet (Qwen3-VL,
-    InternVL, Gemma 3, Idefics3/SmolVLM, LLaVA-OneVision). ``image`` / ``video`` are what the
+    Written here, NOT published: for Idefics3, whose published template could not be found with
+    provenance (see templates/PROVENANCE.json). ``image`` / ``video`` are what the
     family's processor expects in the text for one image or video (it expands them).
     """
     return (
@@ -258,21 +258,34 @@ def build_tiny_llava(out: str | Path, *, seed: int = 0) -> Path:
     return _save(out, model, processor)
 
 
-def _qwen3_vl_parts(tokenizer):
+def published_tokenizer(family: str, named: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
+    """A tiny tokenizer with the family's published chat template and special tokens (PROVENANCE.json).
+
+    ``named`` are the tokens the family's processor looks up by attribute (``tokenizer.image_token``, ...);
+    by default the recorded ``extra_special_tokens``.
+    """
+    special = published_special_tokens(family)
+    named = dict(special.get("extra_special_tokens", {}) if named is None else named)
+    tokens = [*special.get("additional_special_tokens", []), *named.values(), *extra]
+    return train_tokenizer(tokens, named, eos_token=special["eos_token"], pad_token=special["pad_token"],
+                           bos_token=special.get("bos_token"), unk_token=special.get("unk_token"),
+                           add_bos=special.get("add_bos_token", False), chat_template=published_chat_template(family))
+
+
+_QWEN_VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+
+def tiny_qwen3_vl_processor():
+    """Qwen3-VL's stock processor (16 px patches), the published template and special tokens."""
     import transformers
 
+    tokenizer = published_tokenizer("qwen3_vl", _QWEN_VISION_TOKENS)
     image_processor = transformers.Qwen2VLImageProcessor(
         patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32 * 4, max_pixels=64 * 64 * 4)
     video_processor = transformers.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
-    template = standin_chat_template("<|vision_start|><|image_pad|><|vision_end|>",
-                                     "<|vision_start|><|video_pad|><|vision_end|>")
-    processor = transformers.Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
-                                              tokenizer=tokenizer, chat_template=template)
-    text = _text_config("qwen3_vl_text", len(tokenizer), 2)
-    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
-    return processor, {"text_config": text, "vision_config": vision}
+    return transformers.Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                         tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
 def build_tiny_qwen3_vl(out: str | Path, *, seed: int = 0) -> Path:
@@ -280,32 +293,38 @@ def build_tiny_qwen3_vl(out: str | Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    tokenizer = train_tokenizer(list(named.values()), named)
-    processor, configs = _qwen3_vl_parts(tokenizer)
-    config = Qwen3VLConfig(**configs, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-                           video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-                           vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-                           vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    processor = tiny_qwen3_vl_processor()
+    tokenizer = processor.tokenizer
+    text = _text_config("qwen3_vl_text", len(tokenizer), 2)
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in _QWEN_VISION_TOKENS.items()}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
     torch.manual_seed(seed)
     return _save(out, Qwen3VLForConditionalGeneration(config), processor)
+
+
+def tiny_internvl_processor():
+    """InternVL 3 (-hf)'s stock processor, the published template and special tokens, 28 px tiles."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    tokenizer = published_tokenizer("internvl")
+    # 28 px tiles of 14 px patches: 2x2 patches, pixel shuffle 0.5 -> one token per tile.
+    return InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 28, "width": 28},
+                                                                   crop_to_patches=False),
+                             tokenizer=tokenizer,
+                             video_processor=InternVLVideoProcessor(size={"height": 28, "width": 28}),
+                             image_seq_length=1, chat_template=tokenizer.chat_template)
 
 
 def build_tiny_internvl(out: str | Path, *, seed: int = 0) -> Path:
     """InternVL 3: InternViT + MLP projector (pixel shuffle 0.5) + Qwen2 text model."""
     import torch
-    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
-    from transformers import InternVLVideoProcessor
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-             "video_token": "<video>"}
-    tokenizer = train_tokenizer(list(named.values()), named)
-    # 28 px tiles of 14 px patches: 2x2 patches, pixel shuffle 0.5 -> one token per tile.
-    image_processor = GotOcr2ImageProcessor(size={"height": 28, "width": 28}, crop_to_patches=False)
-    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  video_processor=InternVLVideoProcessor(size={"height": 28, "width": 28}),
-                                  image_seq_length=1, chat_template=standin_chat_template("<IMG_CONTEXT>\n"))
+    processor = tiny_internvl_processor()
+    tokenizer = processor.tokenizer
     config = InternVLConfig(
         text_config=_text_config("qwen2", len(tokenizer), 2),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -316,18 +335,24 @@ def build_tiny_internvl(out: str | Path, *, seed: int = 0) -> Path:
     return _save(out, InternVLForConditionalGeneration(config), processor)
 
 
+def tiny_gemma3_processor():
+    """Gemma 3's stock processor, the published template and special tokens, 56 px images."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer = published_tokenizer("gemma3")
+    # 56 px, 14 px patches: 4x4 patches pooled 2x2 -> 4 tokens per image.
+    image_processor = Gemma3ImageProcessor(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+                           chat_template=tokenizer.chat_template)
+
+
 def build_tiny_gemma3(out: str | Path, *, seed: int = 0) -> Path:
     """Gemma 3: SigLIP + pooled projector (fixed tokens per image) + Gemma 3 text model."""
     import torch
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    tokenizer = train_tokenizer(list(named.values()), named)
-    tokenizer.add_special_tokens({"bos_token": "<|endoftext|>"})
-    # 56 px, 14 px patches: 4x4 patches pooled 2x2 -> 4 tokens per image.
-    image_processor = Gemma3ImageProcessor(size={"height": 56, "width": 56}, do_pan_and_scan=False)
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
-                                chat_template=standin_chat_template("<start_of_image>"))
+    processor = tiny_gemma3_processor()
+    tokenizer = processor.tokenizer
     text = _text_config("gemma3_text", len(tokenizer), 2)
     text.update(sliding_window=64, query_pre_attn_scalar=16)
     config = Gemma3Config(
@@ -342,22 +367,39 @@ def build_tiny_gemma3(out: str | Path, *, seed: int = 0) -> Path:
     return _save(out, Gemma3ForConditionalGeneration(config), processor)
 
 
+def tiny_idefics3_processor(model_type: str = "smolvlm"):
+    """Idefics3 / SmolVLM's stock processor, 56 px images, no splitting.
+
+    SmolVLM carries its published template and special tokens; for Idefics3 no published copy with
+    provenance was found, so it keeps a stand-in written here (see PROVENANCE.json).
+    """
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[model_type]
+    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+             "global_image_token": "<global-img>"}
+    if model_type == "smolvlm":
+        tokenizer = published_tokenizer("smolvlm", named)
+    else:
+        tokenizer = train_tokenizer([*named.values(), "<end_of_utterance>"], named,
+                                    chat_template=standin_chat_template("<image>"))
+    image_processor = getattr(transformers, f"{prefix}ImageProcessor")(
+        do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
+    kwargs = {"video_processor": transformers.SmolVLMVideoProcessor()} if model_type == "smolvlm" else {}
+    # 56 px, 14 px patches: 4x4 patches, pixel shuffle by 2 -> 4 tokens per image.
+    return getattr(transformers, f"{prefix}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+        chat_template=tokenizer.chat_template, **kwargs)
+
+
 def build_tiny_idefics3(out: str | Path, model_type: str = "smolvlm", *, seed: int = 0) -> Path:
     """Idefics3 / SmolVLM: SigLIP + pixel-shuffle connector + Llama text model (no image splitting)."""
     import torch
     import transformers
 
     prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[model_type]
-    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-             "global_image_token": "<global-img>"}
-    tokenizer = train_tokenizer([*named.values(), "<end_of_utterance>"], named)
-    image_processor = getattr(transformers, f"{prefix}ImageProcessor")(
-        do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
-    kwargs = {"video_processor": transformers.SmolVLMVideoProcessor()} if model_type == "smolvlm" else {}
-    # 56 px, 14 px patches: 4x4 patches, pixel shuffle by 2 -> 4 tokens per image.
-    processor = getattr(transformers, f"{prefix}Processor")(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-        chat_template=standin_chat_template("<image>"), **kwargs)
+    processor = tiny_idefics3_processor(model_type)
+    tokenizer = processor.tokenizer
     config = getattr(transformers, f"{prefix}Config")(
         text_config=_text_config("llama", len(tokenizer), 2),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -369,20 +411,26 @@ def build_tiny_idefics3(out: str | Path, model_type: str = "smolvlm", *, seed: i
     return _save(out, model, processor)
 
 
+def tiny_llava_onevision_processor():
+    """LLaVA-OneVision's stock processor, llava-hf's published template, 28 px images and frames."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    tokenizer = published_tokenizer("llava_onevision")
+    # One 28 px grid point: every image is a base view + one tile of 2x2 patches.
+    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28]])
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=LlavaOnevisionVideoProcessor(size={"height": 28, "width": 28}),
+                                   num_image_tokens=4, vision_feature_select_strategy="full",
+                                   chat_template=tokenizer.chat_template)
+
+
 def build_tiny_llava_onevision(out: str | Path, *, seed: int = 0) -> Path:
     """LLaVA-OneVision: SigLIP + MLP projector (anyres tiles, newline token) + Qwen2 text model."""
     import torch
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    named = {"image_token": "<image>", "video_token": "<video>"}
-    tokenizer = train_tokenizer(list(named.values()), named)
-    # One 28 px grid point: every image is a base view + one tile of 2x2 patches.
-    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28]])
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(size={"height": 28, "width": 28}),
-                                        num_image_tokens=4, vision_feature_select_strategy="full",
-                                        chat_template=standin_chat_template("<image>", "<video>"))
+    processor = tiny_llava_onevision_processor()
+    tokenizer = processor.tokenizer
     config = LlavaOnevisionConfig(
         text_config=_text_config("qwen2", len(tokenizer), 2),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
@@ -424,6 +472,12 @@ PROCESSORS = {
     "qwen2_vl": lambda: tiny_qwen_vl_processor("qwen2_vl"),
     "qwen2_5_vl": lambda: tiny_qwen_vl_processor("qwen2_5_vl"),
     "llava": tiny_llava_processor,
+    "qwen3_vl": tiny_qwen3_vl_processor,
+    "internvl": tiny_internvl_processor,
+    "gemma3": tiny_gemma3_processor,
+    "idefics3": lambda: tiny_idefics3_processor("idefics3"),
+    "smolvlm": lambda: tiny_idefics3_processor("smolvlm"),
+    "llava_onevision": tiny_llava_onevision_processor,
 }
 
 

@@ -43,6 +43,11 @@ class Strategy(ABC):
     name: str
     supports_sharded_checkpoint: bool = False
     """True when ``save_sharded``/``load_sharded`` write and read a per-rank checkpoint."""
+    sharded_layout: str = ""
+    """The manifest's ``layout`` for what ``save_sharded`` writes ("sharded": DCP; "zero-sharded")."""
+    shards_trainable_only: bool = False
+    """True when ``save_sharded`` can write the trainable tensors alone, so trainable-only checkpoints
+    are sharded too (otherwise they are gathered to rank 0)."""
     optimizer_params: list
     """The tensors the optimizer updates (as the engine holds them), for the freeze audit."""
 
@@ -98,10 +103,16 @@ class Strategy(ABC):
     def load_state(self, state: dict) -> None:
         """Restore what ``save_state`` wrote (either engine's). Every rank, after ``setup_optimizer``."""
 
-    def save_sharded(self, path: str) -> None:
+    def storage_dtype(self, param) -> torch.dtype:
+        """The dtype this engine keeps ``param`` in: a trained one's master weights, a frozen one's tensor."""
+        return param.dtype
+
+    def save_sharded(self, path: str, trainable_only: bool = False) -> None:
+        """Every rank writes its part into ``path`` (rank-unique file names), optimizer included. Collective."""
         raise NotImplementedError(f"{self.name}: no sharded checkpoints (supports_sharded_checkpoint is False)")
 
     def load_sharded(self, path: str) -> None:
+        """Read a checkpoint ``save_sharded`` wrote, on any world size. Every rank, after ``setup_optimizer``."""
         raise NotImplementedError(f"{self.name}: no sharded checkpoints (supports_sharded_checkpoint is False)")
 
 

@@ -29,7 +29,9 @@ in 16 bits, the optimizer keeps fp32 master weights of the trainable ones (its p
 and gradients are reduced in fp32 (``communication_data_type``), like FSDP2's
 ``reduce_dtype=float32``. Checkpoints take trainable tensors from the fp32 masters
 (``deepspeed.utils.safe_get_full_fp32_param``); frozen ones, when written at all
-(``checkpoint.trainable_only: false``), are the 16-bit values the model computed with.
+(``checkpoint.trainable_only: false``), are the 16-bit values the model computed with. So frozen
+weights are stored in the precision's dtype (``train.frozen_dtype: auto``); fp32 frozen weights
+beside 16-bit compute are FSDP2's alone (``deepspeed_config`` says so).
 
 fp16 on CPU. DeepSpeed's CPU accelerator reports fp16 as supported when oneDNN has fp16 kernels
 for this CPU (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, AVX512-FP16 / AMX-FP16); elsewhere
@@ -44,12 +46,16 @@ more. If it cannot be built the error says so and how to fix it. ``strategy.offl
 (ZeRO-3 only) also keeps the partitioned parameters in CPU memory. On a CPU-only host offloading
 changes nothing useful (everything is in CPU memory already) but still works.
 
-Checkpoints and resume. ``gather`` returns full tensors by parameter name; ``save_state`` the
-Adam moments as full fp32 tensors by parameter name, in the layout of FSDP2's full optimizer state
-dict (``{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}``), plus the LR
-schedule and the fp16 loss scaler. Neither depends on the ZeRO stage or the world size, so a run
-resumes onto another stage, world size or FSDP2 (``tests/dist/test_deepspeed_resume.py``).
-``load_trainable`` and ``load_state`` run after ``setup_optimizer``, on every rank.
+Checkpoints and resume. Checkpoints are sharded (``save_sharded``/``load_sharded``, layout
+``zero-sharded``): every rank writes the fp32 masters and Adam moments of the parameter slices it
+owns into its own safetensors file, keyed by parameter name and offset (``zero_state.local_shard``),
+so no rank ever holds more than its own partitions (gathering them would cost rank 0 twelve bytes
+per trained parameter: about 96 GB of host memory for an 8B full tune). ``load_sharded`` reassembles
+the ranges this rank owns from all ranks' files, whatever world size or ZeRO stage wrote them.
+``gather`` (full tensors by name) and ``save_state`` (the Adam moments as full fp32 tensors by
+name, in the layout of FSDP2's full optimizer state dict) remain for the gathered layout and the
+tests; ``load_trainable``/``load_state`` also read FSDP2's gathered checkpoints. All loading runs
+after ``setup_optimizer``, on every rank (``tests/dist/test_deepspeed_resume.py``).
 
 CPU hosts. On its CPU accelerator DeepSpeed would compile a shared-memory all-reduce op when it
 first sets up communication (minutes on a small machine); training does not use it (gloo does
@@ -101,6 +107,12 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(strategy: StrategyConfig, train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config for these settings (pure: no process group, no DeepSpeed import)."""
     stage = strategy.zero_stage
+    if train.precision in HALF and train.frozen_storage != train.precision:
+        # DeepSpeed's bf16/fp16 engine holds every module parameter in 16 bits (trained ones get fp32
+        # masters in the optimizer): fp32 frozen weights would meet 16-bit activations.
+        raise ConfigError(f"train.frozen_dtype: DeepSpeed holds all weights in train.precision ({train.precision}) "
+                          f"and cannot keep frozen ones in {train.frozen_storage}; set train.frozen_dtype: auto, or "
+                          "strategy.name: fsdp")
     if strategy.offload_params and stage != 3:
         raise ConfigError(f"strategy.offload_params: ZeRO-{stage} keeps full parameters on every rank and cannot "
                           "offload them; set strategy.zero_stage: 3, or offload_params: false")
@@ -179,6 +191,9 @@ def _plain_attrs(obj) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    supports_sharded_checkpoint = True
+    sharded_layout = "zero-sharded"
+    shards_trainable_only = True
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
         self.cfg, self.train, self.device = cfg, train, torch.device(device)
@@ -248,6 +263,13 @@ class DeepSpeedStrategy(Strategy):
             if managed:
                 return [p for group in managed for p in group]
         return [p for g in groups for p in g["params"]]
+
+    def storage_dtype(self, param) -> torch.dtype:
+        """Trained: the dtype of ZeRO's flat master partitions (the tensors the torch optimizer steps);
+        the module's own copy is only the compute copy. Frozen: the module's tensor."""
+        if param.requires_grad:
+            return zero_state.flat_partitions(self.engine.optimizer)[0].dtype
+        return param.dtype
 
     def forward(self, batch: dict):
         dtype = self.half_dtype
@@ -326,16 +348,18 @@ class DeepSpeedStrategy(Strategy):
         """Optimizer state by parameter name, full fp32 tensors (loads onto any world size, and has the
         layout of FSDP2's full optimizer state dict), scheduler, fp16 loss scaler. Collective."""
         optimizer = None
+        # Hyperparameters and parameter names per group: what a full optimizer state dict needs beside
+        # the moments, so a sharded checkpoint can also be resumed by FSDP2 (checkpoint.load converts).
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                  for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
         if include_optimizer:
             self._ensure_state()
             per_param = zero_state.full_state_by_name(self._named_params(), rank, zero_state.adam_step(self.torch_optimizer))
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
-                      for g, names in zip(self.torch_optimizer.param_groups, self._group_names)]
             optimizer = {"state": per_param, "param_groups": groups}
         if rank != 0:
             return None
         scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.half_dtype == torch.float16 else None
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": optimizer, "optimizer_groups": groups, "scheduler": self.scheduler.state_dict(),
                 "ds_loss_scaler": _plain_attrs(scaler) if scaler is not None else None,
                 "skipped_total": self.skipped_total}
 
@@ -355,6 +379,20 @@ class DeepSpeedStrategy(Strategy):
             for key, value in state["ds_loss_scaler"].items():
                 setattr(scaler, key, value)
         self.skipped_total = int(state.get("skipped_total", 0))
+
+    def save_sharded(self, path: str, trainable_only: bool = True) -> None:
+        """This rank's fragments of the trained parameters (fp32 master, Adam moments), and of the
+        frozen ones unless ``trainable_only``, into its own file in ``path``: nothing is gathered,
+        so no rank holds more than its own partitions (``zero_state.local_shard``). Local, but
+        every rank must call it."""
+        self._ensure_state()
+        zero_state.save_local_shard(path, self._named_params(), self.torch_optimizer, trainable_only)
+
+    def load_sharded(self, path: str) -> None:
+        """Fill this rank's partitions from every rank's file in ``path``, written on any world size
+        or ZeRO stage; the schedule and loss scaler follow with ``load_state``. Local."""
+        self._ensure_state()
+        zero_state.load_shards(self._named_params(), zero_state.ShardReader.from_dir(path), self.torch_optimizer)
 
     def _ensure_state(self) -> None:
         zero_state.ensure_state(self.torch_optimizer, self.engine.optimizer, int_step=self.cfg.offload_optimizer)

@@ -2,6 +2,14 @@
 
 Frozen and trainable parameters may share a layer: FSDP2 shards per parameter, and only the
 trainable ones are handed to the optimizer, so frozen weights get neither gradients nor state.
+
+Storage dtypes. Trained parameters are held in fp32 (the optimizer's master weights, its state
+and the reduced gradients are fp32); frozen ones in ``train.frozen_storage`` (bf16 under bf16
+precision: half the bytes, and the values the forward computes with anyway). FSDP2 requires one
+original dtype per ``fully_shard`` group only among the parameters that require gradients
+(``FSDPParamGroup._init_mp_dtypes``), so frozen bf16 and trained fp32 tensors may share a layer:
+``MixedPrecisionPolicy(param_dtype=...)`` casts the fp32 ones at all-gather and leaves the frozen
+ones, already in the compute dtype, as they are (an all-gather of one dtype).
 """
 
 from __future__ import annotations
@@ -15,9 +23,20 @@ from omni_ray.strategies.base import StepStats, Strategy, make_scheduler
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def cast_storage(model, frozen_dtype: torch.dtype) -> None:
+    """Trained parameters to fp32 (master weights), frozen floating ones to ``frozen_dtype``; buffers
+    (rotary frequencies) and integer (quantized) parameters keep their dtype."""
+    for param in model.parameters():
+        want = torch.float32 if param.requires_grad else frozen_dtype
+        # QLoRA's 4-bit weights may be stored in a float dtype (bnb_4bit_quant_storage): never cast them.
+        if param.is_floating_point() and param.dtype != want and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(want)
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     supports_sharded_checkpoint = True
+    sharded_layout = "sharded"  # DCP
 
     def __init__(self, cfg: StrategyConfig, train: TrainConfig, device: torch.device):
         self.cfg, self.train, self.device = cfg, train, device
@@ -34,6 +53,7 @@ class FSDPStrategy(Strategy):
         if self.cfg.offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         model.to(self.device)
+        cast_storage(model, DTYPES[self.train.frozen_storage])
         layers = [m for m in model.modules() if type(m).__name__ in spec.layer_classes]
         if not layers:
             raise RuntimeError(f"{spec.name}: no module of classes {spec.layer_classes} found to shard")
@@ -107,8 +127,10 @@ class FSDPStrategy(Strategy):
                 else:
                     param.data.copy_(value)
 
-    def save_sharded(self, path: str) -> None:
-        """Every rank writes its shards of the model and optimizer (DCP; rank-unique file names)."""
+    def save_sharded(self, path: str, trainable_only: bool = False) -> None:
+        """Every rank writes its shards of the model and optimizer (DCP; rank-unique file names).
+
+        Only whole-model checkpoints take this path (``shards_trainable_only`` is False)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 

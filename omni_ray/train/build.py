@@ -46,6 +46,9 @@ def build_trainable_model(model_cfg: ModelConfig, freeze: FreezeConfig, lora: Lo
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
     plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec, freeze, lora, train.lr)
     model = apply_plan(model, plan, lora)
+    # from_pretrained returns the model in eval mode: without this, dropout would stay off and
+    # transformers' checkpointed layers (active only while training) would never checkpoint.
+    model.train()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainableModel(model, spec, plan, local_dir)

@@ -36,6 +36,8 @@ from omni_ray.config import CheckpointConfig, FreezeConfig, LoraConfig, ModelCon
 from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan
 from omni_ray.storage import StorageConfig, StorageError
+from omni_ray.strategies.zero_state import ShardReader
+
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ STATE = "train_state.pt"
 WEIGHTS = "weights.safetensors"  # trainable tensors only, or all (manifest says which)
 CONFIG = "config.yaml"
 FORMAT = "omni_ray.checkpoint/2"
+ZERO_SHARDED = "zero-sharded"  # the layout DeepSpeedStrategy.save_sharded writes
 
 # Files that make up a model's weights / tokenizer, hashed by content for the run's identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -193,14 +196,19 @@ def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointCo
          train_state: dict) -> str | None:
     """Write one checkpoint (collective); returns this rank's directory to report, or None.
 
-    Two layouts, one manifest:
+    Three layouts, one manifest:
 
-    * trainable-only (default when anything is frozen): the trained tensors gathered to rank 0
-      as safetensors, with the optimizer as a full, name-keyed state dict (loads onto any
-      world size); only rank 0 has files.
-    * sharded (everything trains, FSDP2): a torch.distributed.checkpoint (DCP) written by every
-      rank into its own directory with rank-unique file names; Ray Train uploads all of them
-      into one checkpoint directory, and DCP reshards on load, onto any number of workers.
+    * ``gathered`` (FSDP2, trainable-only: the default when anything is frozen): the trained
+      tensors gathered to rank 0 as safetensors, with the optimizer as a full, name-keyed state
+      dict (loads onto any world size); only rank 0 has files.
+    * ``sharded`` (FSDP2, everything trains): a torch.distributed.checkpoint (DCP) written by
+      every rank into its own directory with rank-unique file names; Ray Train uploads all of
+      them into one checkpoint directory, and DCP reshards on load, onto any number of workers.
+    * ``zero-sharded`` (DeepSpeed, always): every rank writes the fp32 masters and Adam moments of
+      the parameter slices it owns (and, unless trainable-only, its part of the frozen weights)
+      into ``zero_rankRRRRR-of-WWWWW.safetensors``, keyed by parameter name and offset. No rank
+      gathers the optimizer state (12 bytes per trained parameter on rank 0 for a full tune);
+      the reader reassembles any range on any world size (``zero_state.ShardReader``).
 
     Rank 0 adds the scheduler/RNG/data position (``train_state.pt``), the config, the run's
     identity, and ``manifest.json`` with every file's checksum, last.
@@ -208,11 +216,11 @@ def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointCo
     trainable_only = checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
-    sharded = not trainable_only and strategy.supports_sharded_checkpoint
+    sharded = strategy.supports_sharded_checkpoint and (not trainable_only or strategy.shards_trainable_only)
     if sharded or rank == 0:
         path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{record.run_name}_step{step:07d}_r{rank}_"))
     if sharded:
-        strategy.save_sharded(str(path))
+        strategy.save_sharded(str(path), trainable_only)
         engine_state = strategy.save_state(rank, include_optimizer=False)
         files = _gather_checksums({p.name: _sha256(p) for p in path.iterdir() if p.is_file()})
         tensors: dict = {}
@@ -232,7 +240,7 @@ def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointCo
         if (path / name).is_file():
             files[name] = _sha256(path / name)
     _write_manifest(path, {
-        "format": FORMAT, "layout": "sharded" if sharded else "gathered", "step": step,
+        "format": FORMAT, "layout": strategy.sharded_layout if sharded else "gathered", "step": step,
         "epoch": train_state["epoch"], "created_at": time.time(), "base_model": record.base_model,
         "identity": record.identity, "trainable_only": trainable_only, "tensors": sorted(tensors), "files": files,
     })
@@ -325,6 +333,9 @@ def screen_dcp_metadata(path: str | Path) -> None:
 def load_tensors(path: str | Path, manifest: dict | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors by parameter name, whichever layout it has (no process group)."""
     manifest = manifest or read_manifest(path)
+    if manifest.get("layout") == ZERO_SHARDED:
+        reader = _shard_reader(path, manifest)
+        return {name: reader.full("param", name) for name in sorted(reader.shapes)}
     if manifest.get("layout") == "sharded":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -337,17 +348,27 @@ def load_tensors(path: str | Path, manifest: dict | None = None) -> dict[str, to
     return load_file(str(checked_file(path, manifest, WEIGHTS)))
 
 
+def _shard_reader(path: str | Path, manifest: dict) -> ShardReader:
+    """The ZeRO rank files the (verified) manifest lists, nothing else in the directory."""
+    return ShardReader.from_dir(path, list(manifest["files"]))
+
+
 def load_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     return load_tensors(path, read_manifest(path))
 
 
-def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
+def load(path: str | Path, identity: dict, resume: str = "auto", sharded_layout: str | None = None) -> dict:
     """Everything a resumed run needs, after the checksums and the identity check.
 
     ``resume="auto"``: the whole state, refused (:class:`ResumeMismatch`) when ``identity``
     differs from the one recorded. ``resume="weights_only"`` with a differing identity: the
     trained tensors only (always gathered into ``tensors``), ``train_state``/``rng`` None, step
     0, ``weights_only`` True: the caller keeps its fresh optimizer and schedule.
+
+    ``sharded_layout``: the resuming engine's (``Strategy.sharded_layout``). A sharded checkpoint
+    of the same layout comes back as ``sharded_dir`` for ``load_sharded``; a ZeRO-sharded one
+    resumed by another engine (FSDP2) is reassembled into full tensors and a full, name-keyed
+    optimizer state (the gathered layout), which every engine loads.
     """
     manifest = read_manifest(path)
     changes = identity_changes(manifest.get("identity"), identity)
@@ -361,13 +382,33 @@ def load(path: str | Path, identity: dict, resume: str = "auto") -> dict:
     if changes:
         check_resume(path, manifest, identity)
     state = torch.load(checked_file(path, manifest, STATE), weights_only=True)
-    sharded = manifest.get("layout") == "sharded"
-    if sharded:
+    layout = manifest.get("layout")
+    if layout == ZERO_SHARDED and sharded_layout not in (None, ZERO_SHARDED):
+        tensors, engine_state = _zero_as_gathered(path, manifest, state["engine"])
+        return {**_resume_fields(state), "tensors": tensors, "sharded_dir": None, "train_state": engine_state}
+    sharded = layout in ("sharded", ZERO_SHARDED)
+    if layout == "sharded":
         screen_dcp_metadata(path)  # the strategy's DCP load unpickles it next
-    return {"tensors": {} if sharded else load_tensors(path, manifest), "sharded_dir": str(path) if sharded else None,
-            "train_state": state["engine"], "step": state["step"], "epoch": state["epoch"],
+    return {**_resume_fields(state), "tensors": {} if sharded else load_tensors(path, manifest),
+            "sharded_dir": str(path) if sharded else None, "train_state": state["engine"]}
+
+
+def _resume_fields(state: dict) -> dict:
+    return {"step": state["step"], "epoch": state["epoch"],
             "consumed": state["consumed"], "rng": state["rng"], "weights_only": False,
             "reports": state.get("reports", [])}
+
+
+def _zero_as_gathered(path: str | Path, manifest: dict, engine_state: dict) -> tuple[dict, dict]:
+    """A ZeRO-sharded checkpoint as full tensors and a full optimizer state by name (for FSDP2)."""
+    from omni_ray.strategies.zero_state import ADAM_STATE
+
+    reader = _shard_reader(path, manifest)
+    tensors = {name: reader.full("param", name) for name in sorted(reader.shapes)}
+    moments = {name: {"step": torch.tensor(float(reader.adam_step)), **{k: reader.full(k, name) for k in ADAM_STATE}}
+               for name, trained in reader.trained.items() if trained}
+    optimizer = {"state": moments, "param_groups": engine_state["optimizer_groups"]}
+    return tensors, {**engine_state, "optimizer": optimizer}
 
 
 def checkpoint_config_text(path: str | Path) -> str:

@@ -41,7 +41,7 @@ class FreezeGuard:
         error = None
         try:
             rows = audit(self.engine.unwrapped(), self.plan, self.engine.optimizer_params,
-                         self.engine.optimizer_state())
+                         self.engine.optimizer_state(), self.engine.storage_dtype)
         except FreezeAuditError as err:
             error = err
         if any_rank(error is not None):

@@ -130,7 +130,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
     path = pick_checkpoint(session.latest_checkpoint(), run_uri, cfg.storage, session.rank)
     if path is None:
         return TrainState()
-    saved = ckpt.load(path, record.identity, cfg.checkpoint.resume)
+    saved = ckpt.load(path, record.identity, cfg.checkpoint.resume, engine.sharded_layout)
     if saved["sharded_dir"]:
         engine.load_sharded(saved["sharded_dir"])
     else:

@@ -44,23 +44,27 @@ def config(tiny_minicpmv, files, tmp_path, **train):
     })
 
 
+@pytest.fixture(scope="module")
+def rows(tiny_minicpmv, two_files, tmp_path_factory):
+    """Processed once for both tests (the preprocessing does not depend on the run folder)."""
+    return processed_rows(config(tiny_minicpmv, two_files, tmp_path_factory.mktemp("rows")), two_files)
+
+
 def trained_positions(report: dict) -> set[int]:
     state = torch.load(f"{report['checkpoint']}/train_state.pt", weights_only=True)
     return {i for a, b in PositionSet.from_json(state["consumed"]).ranges() for i in range(a, b)}
 
 
-def test_duplicate_ids_train_every_row_once_per_epoch(tiny_minicpmv, two_files, tmp_path):
+def test_duplicate_ids_train_every_row_once_per_epoch(tiny_minicpmv, two_files, rows, tmp_path):
     cfg = config(tiny_minicpmv, two_files, tmp_path)
-    rows = processed_rows(cfg, two_files)
     assert [r["id"] for r in rows] == [str(i) for i in range(N)] * 2
     last = local_run(cfg, rows).reports[-1]
     assert (last["step"], last["samples_seen"]) == (2 * N // 2, 2 * N)
     assert trained_positions(last) == set(range(2 * N))
 
 
-def test_resume_skips_exactly_the_rows_already_trained(tiny_minicpmv, two_files, tmp_path):
+def test_resume_skips_exactly_the_rows_already_trained(tiny_minicpmv, two_files, rows, tmp_path):
     cfg = config(tiny_minicpmv, two_files, tmp_path)
-    rows = processed_rows(cfg, two_files)
     first = local_run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2})}), rows)
     part1 = trained_positions(first.reports[-1])
     assert len(part1) == 4

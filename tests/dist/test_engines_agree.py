@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from omni_ray.config import load_config
 from omni_ray.freeze import base_name
 from omni_ray.launch.driver import train, validate
-from omni_ray.train.checkpoint import read_manifest
+from omni_ray.train.checkpoint import load_tensors, read_manifest
 
 pytestmark = pytest.mark.dist
 
@@ -115,7 +115,10 @@ def test_zero_checkpoint_lora_trained_frozen_bit_identical(runs, engine, tiny_mi
     ckpt = Path(result.checkpoint.to_directory())
     manifest = read_manifest(ckpt)
     assert manifest["step"] == STEPS and manifest["trainable_only"] is False
-    saved = load_file(str(ckpt / "weights.safetensors"))
+    assert manifest["layout"] == "zero-sharded"  # every rank wrote its part; nothing gathered on rank 0
+    assert sorted(n for n in manifest["files"] if n.startswith("zero_rank")) == [
+        "zero_rank00000-of-00002.safetensors", "zero_rank00001-of-00002.safetensors"]
+    saved = load_tensors(ckpt, manifest)  # reassembled from both ranks' files
     base = load_file(str(Path(tiny_minicpmv) / "model.safetensors"))
     frozen_checked, full_moved, lora_b = 0, 0, set()
     for name, tensor in saved.items():

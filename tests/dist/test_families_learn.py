@@ -25,7 +25,9 @@ from omni_ray.models.spec import all_specs, get_spec
 from omni_ray.models.tiny import BUILDERS, build_tiny
 from local_training import ANSWERS, processed_rows, train_locally, write_dataset
 
-STEPS = 10
+# 6 steps at lr 5e-3: every family's loss is below half its first by step 5 (measured: 0.28-0.44 of the
+# first loss at step 5, MiniCPM-V 4.7 the slowest), so 6 keeps a margin and costs 40% less than 10.
+STEPS = 6
 FREEZE = {"vision": "frozen", "projector": "full", "llm": "full", "embeddings": "frozen", "lm_head": "frozen"}
 
 
@@ -50,7 +52,9 @@ def _assistant_spans(labels: np.ndarray) -> list[tuple[int, int]]:
 
 
 def check_only_answers_are_labelled(rows: list[dict], tokenizer) -> None:
-    specials = set(tokenizer.all_special_tokens)
+    # Added special tokens too: Gemma's <end_of_turn> is labelled (the model learns to stop) but is not
+    # one of the named special tokens.
+    specials = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
     for row in rows:
         assert not row["reason"], (row["id"], row["reason"], row["detail"])
         sample = decode(row["sample"])

@@ -19,12 +19,13 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def shards(color_data, tmp_path_factory):
+def shards(ray_local, color_data, tmp_path_factory):
+    """Prepared once, in this process (the session's local Ray): only the training runs under test need
+    a CLI process of their own, each starting its own Ray as on a user's machine."""
+    from omni_ray.launch.cli import main
+
     out = tmp_path_factory.mktemp("shards")
-    proc = subprocess.run([sys.executable, "-m", "omni_ray.launch.cli", "data", "prepare", str(color_data[0]),
-                           "--out", str(out), "--rows-per-shard", "16"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["data", "prepare", str(color_data[0]), "--out", str(out), "--rows-per-shard", "16"]) == 0
     return str(out)
 
 

@@ -200,3 +200,37 @@ def test_tied_lm_head_frozen_with_full_embeddings_is_explicit():
 def test_tied_lm_head_lora_is_an_error():
     with pytest.raises(ConfigError, match=r"freeze.lm_head: minicpmv4_6 ties lm_head to the input embeddings"):
         plan_46({"freeze": {"lm_head": "lora"}})
+
+
+# --- finetune.py's other LoraArguments ----------------------------------------------------------------------
+
+
+def test_peft_filters_layers_only_for_a_list_of_targets():
+    """The premise of refusing lora_layers_to_transform: finetune.py's lora_target_modules is a string regex,
+    and peft (installed here) refuses layers_to_transform beside one; older peft applied the layer filter
+    only to a list of names, so in MiniCPM-V's recipe the flag never selected anything."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        PeftLoraConfig(target_modules=FINETUNE_LORA["lora_target_modules"], layers_to_transform=[0, 1])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"use_lora": "true", "lora_layers_to_transform": [0, 3]},
+     r"lora_layers_to_transform: finetune.py hands it to peft beside its regex lora_target_modules.*selects "
+     r"nothing there; to adapt some layers only, put their indices in lora_target_modules .*last_n_layers"),
+    ({"lora_layers_to_transform": "0 1"}, r"lora_layers_to_transform: finetune.py hands it to peft"),
+    ({"lora_weight_path": "/ckpt/adapter"}, r"lora_weight_path: MiniCPM-V's finetune.py declares it but never "
+                                            r"uses it \(LoRA starts from fresh adapters\); to continue"),
+    ({"lora_layer_replication": [[0, 4], [2, 5]]}, r"lora_layer_replication: MiniCPM-V's finetune.py declares it "
+                                                   r"but never hands it to peft \(no layer is replicated\); remove it"),
+])
+def test_lora_arguments_without_effect_in_finetune_py_are_refused_by_reason(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({**BASE, **flags})
+
+
+def test_lora_arguments_without_effect_at_their_defaults_are_accepted():
+    cfg = load_config({**BASE, "use_lora": "true", "lora_weight_path": "", "lora_layer_replication": None,
+                       "lora_layers_to_transform": None})
+    assert cfg.lora.target_modules == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
