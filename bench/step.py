@@ -31,8 +31,11 @@ Runs unchanged on a GPU host (cuda when available; bf16 there, fp32 on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -189,6 +192,20 @@ class Bare(Side):
         self.optimizer.step()
 
 
+@contextlib.contextmanager
+def single_process_env():
+    """Hide the launcher variables the omni_ray sides' process group set, as a one-device HF run has none.
+
+    With LOCAL_RANK set, accelerate (under the Trainer) would take the run for a distributed one and
+    wrap the model in DistributedDataParallel, an overhead MiniCPM-V's one-GPU recipe does not pay.
+    """
+    saved = {k: os.environ.pop(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class HF(Side):
     """``Trainer.train()`` over the same padded micro-batches, timed per optimizer step by a callback."""
 
@@ -224,22 +241,25 @@ class HF(Side):
         order = [self.micro_batches[(self.next * per_step + i) % len(self.micro_batches)]
                  for i in range((n + 1) * per_step)]
         self.next += n
-        args = TrainingArguments(
-            output_dir=str(self.root / "hf"), per_device_train_batch_size=1, gradient_accumulation_steps=per_step,
-            max_steps=n + 1, learning_rate=cfg.train.lr, lr_scheduler_type="cosine",
-            weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm or 0.0,
-            bf16=cfg.train.precision == "bf16", use_cpu=self.device.type == "cpu",
-            train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_num_workers=0,
-            logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.train.seed,
-        )
-        self.optim = str(args.optim)
         self.timer.times = []
-        # Each "example" is one already-padded micro-batch (the padding collator's output).
-        trainer = Trainer(model=self.model, args=args, train_dataset=order,
-                          data_collator=lambda items: {k: v for k, v in items[0].items() if k not in
-                                                       ("num_label_tokens", "keep_alive")},
-                          callbacks=[self.timer])
-        trainer.train()
+        with single_process_env():
+            args = TrainingArguments(
+                output_dir=str(self.root / "hf"), per_device_train_batch_size=1, gradient_accumulation_steps=per_step,
+                max_steps=n + 1, learning_rate=cfg.train.lr, lr_scheduler_type="cosine",
+                weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm or 0.0,
+                bf16=cfg.train.precision == "bf16", use_cpu=self.device.type == "cpu",
+                train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_num_workers=0,
+                logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.train.seed,
+            )
+            self.optim = str(args.optim)
+            # Each "example" is one already-padded micro-batch (the padding collator's output).
+            trainer = Trainer(model=self.model, args=args, train_dataset=order,
+                              data_collator=lambda items: {k: v for k, v in items[0].items() if k not in
+                                                           ("num_label_tokens", "keep_alive")},
+                              callbacks=[self.timer])
+            trainer.train()
+        if trainer.model_wrapped is not trainer.model:
+            raise SystemExit(f"the HF side ran wrapped in {type(trainer.model_wrapped).__name__}: not a one-device run")
         return self.timer.times[1:]
 
 
@@ -297,6 +317,8 @@ def main() -> None:
     while min(len(t) for t in times.values()) < args.steps:
         for side in sides:  # alternate blocks, so every side sees the same machine
             times[side.name] += side.run(args.block, device)
+            print(f"  {side.name}: {len(times[side.name])} timed steps, last {times[side.name][-1]:.2f} s",
+                  file=sys.stderr, flush=True)
     torch.distributed.destroy_process_group()
 
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
