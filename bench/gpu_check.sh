@@ -6,10 +6,11 @@
 #
 #   bash bench/gpu_check.sh [WHEELHOUSE_DIR]
 #
-# Runs: the GPU tests that exist (tests/gpu), the memory benchmark (estimate beside the live
-# tensor bytes of real steps; it runs on the CPU as written: moving it to CUDA and reading
-# torch.cuda.max_memory_allocated is still to do) and the step benchmark. Still missing from the
-# issue's list: tokens/s, TFLOP/s and MFU at full MiniCPM-V 4.6 size, and the ~3B full LLM tune.
+# Runs, writing each output under $OUT (or bench/gpu_out): the GPU tests (tests/gpu: bf16, fp16
+# loss scaling, QLoRA, fused loss), bench/gpu_bench.py at full size (MiniCPM-V 4.6 vision frozen +
+# LoRA r=64, and a ~3B full LLM tune: tokens/s, model TFLOP/s, MFU, peak memory beside the
+# estimate) and bench/step.py (omni_ray vs HF Trainer vs bare torch). Record the figures in
+# bench/RESULTS.md with the card's name. Not yet run on a GPU: none was lent to the sessions so far.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="${1:-../wheelhouse}"
@@ -27,6 +28,8 @@ print("device", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properti
 from omni_ray.train.loss import fused_loss_backend
 print("loss backend:", fused_loss_backend(torch.device("cuda")))
 PY
-python -m pytest -q tests/gpu
-python bench/memory.py --seq 1024 --full-seq 2048
-python bench/step.py
+OUT="${OUT:-bench/gpu_out}"
+mkdir -p "$OUT"
+python -m pytest -q tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt"
+python bench/gpu_bench.py --seq 2048 --batch 4 2>&1 | tee "$OUT/gpu_bench.txt"
+python bench/step.py 2>&1 | tee "$OUT/step.txt"

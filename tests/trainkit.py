@@ -22,3 +22,16 @@ def local_run(cfg: Config, rows: list[dict], checkpoint_dir: str | None = None) 
     session = LocalSession(datasets={"train": ListIterator(rows)}, checkpoint_dir=checkpoint_dir)
     run(cfg, session, num_rows=len(rows))
     return session
+
+
+def tiny_minicpmv_model(vocab: int):
+    """A MiniCPM-V 4.6 module in memory (tied head, 4 Qwen3.5 layers, a 1-layer 32-wide vision tower)."""
+    from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+    from omni_ray.models.tiny import _text_config
+
+    cfg = MiniCPMV4_6Config(text_config={**_text_config("qwen3_5_text", vocab, 4), "tie_word_embeddings": True},
+                            tie_word_embeddings=True,
+                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, patch_size=14, image_size=56))
+    return MiniCPMV4_6ForConditionalGeneration(cfg)

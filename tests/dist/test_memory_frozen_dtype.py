@@ -20,6 +20,7 @@ from omni_ray.memory import estimate_memory, layout_of, measured_peak, unsharded
 from omni_ray.models.spec import get_spec
 from omni_ray.strategies import build_strategy
 from omni_ray.train.session import LocalSession
+from trainkit import tiny_minicpmv_model
 
 pytestmark = pytest.mark.dist
 
@@ -29,15 +30,7 @@ FREEZE_MAPS = {"vision frozen + LoRA": {"llm": "lora"}, "last 2 llm layers": {"l
 
 
 def tiny_minicpmv():
-    from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
-
-    from omni_ray.models.tiny import _text_config
-
-    cfg = MiniCPMV4_6Config(text_config={**_text_config("qwen3_5_text", VOCAB, 4), "tie_word_embeddings": True},
-                            tie_word_embeddings=True,
-                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, patch_size=14, image_size=56))
-    return MiniCPMV4_6ForConditionalGeneration(cfg)
+    return tiny_minicpmv_model(VOCAB)
 
 
 @pytest.mark.parametrize(("freeze", "chunked"), [("vision frozen + LoRA", True), ("last 2 llm layers", False)])

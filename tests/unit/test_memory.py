@@ -15,6 +15,7 @@ from omni_ray.config import FreezeConfig, LoraConfig
 from omni_ray.freeze import apply_plan, plan_freeze
 from omni_ray.memory import GiB, Layout, estimate_memory, fits_warning, measured_peak
 from omni_ray.models.spec import get_spec
+from trainkit import tiny_minicpmv_model
 
 VOCAB, BATCH, SEQ = 300, 2, 64
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
@@ -26,15 +27,7 @@ FREEZE_MAPS = {
 
 
 def tiny_minicpmv():
-    from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
-
-    from omni_ray.models.tiny import _text_config
-
-    cfg = MiniCPMV4_6Config(text_config={**_text_config("qwen3_5_text", VOCAB, 4), "tie_word_embeddings": True},
-                            tie_word_embeddings=True,
-                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, patch_size=14, image_size=56))
-    return MiniCPMV4_6ForConditionalGeneration(cfg)
+    return tiny_minicpmv_model(VOCAB)
 
 
 def measured_step_peak(model, chunked: bool) -> int:
