@@ -52,8 +52,9 @@ class FSDPStrategy(Strategy):
         kwargs = {"mp_policy": mp, "reshard_after_forward": self.cfg.reshard_after_forward}
         if self.cfg.offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        model.to(self.device)
+        # Cast before the move: the device never holds frozen weights at their loaded (wider) dtype.
         cast_storage(model, DTYPES[self.train.frozen_storage])
+        model.to(self.device)
         layers = [m for m in model.modules() if type(m).__name__ in spec.layer_classes]
         if not layers:
             raise RuntimeError(f"{spec.name}: no module of classes {spec.layer_classes} found to shard")
