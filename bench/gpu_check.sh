@@ -25,8 +25,8 @@ python - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device visible"
 print("device", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-from omni_ray.train.loss import fused_loss_backend
-print("loss backend:", fused_loss_backend(torch.device("cuda")))
+from omni_ray.train.loss import fast_paths
+print("kernels:", fast_paths(torch.device("cuda")))
 PY
 OUT="${OUT:-bench/gpu_out}"
 mkdir -p "$OUT"
