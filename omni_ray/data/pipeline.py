@@ -50,13 +50,13 @@ class Preprocess:
         """Images, videos (sampled frames) and tools of a row: bytes from the shard, else read from their refs."""
         if row.get("audio_refs"):
             raise DataError("unsupported_modality", "audio is not supported: no model family here takes audio input")
-        blobs = row.get("images")
-        if blobs is None:
-            blobs = [load_image(ref, self.storage, **self.read_limits) for ref in row.get("image_refs") or []]
+        # Per item: the embedded bytes when present (prepared shards, hub Parquet, tars, data: URIs),
+        # else the file or object its ref names (reader.ROW_COLUMNS).
+        blobs = [b if b is not None and len(b) else load_image(ref, self.storage, **self.read_limits)
+                 for ref, b in _aligned(row.get("image_refs"), row.get("images"))]
         images = [decode_image(bytes(b), max_pixels=self.max_image_pixels) for b in blobs]
-        clips = row.get("videos")
-        if clips is None:
-            clips = [load_video(ref, self.storage, **self.read_limits) for ref in row.get("video_refs") or []]
+        clips = [c if c is not None and len(c) else load_video(ref, self.storage, **self.read_limits)
+                 for ref, c in _aligned(row.get("video_refs"), row.get("videos"))]
         videos = [decode_video(bytes(c), fps=self.video_fps, max_frames=self.video_max_frames) for c in clips]
         tools = row.get("tools")  # a JSON list, "" when the sample has none (reader.ROW_COLUMNS)
         if isinstance(tools, str):
@@ -85,6 +85,13 @@ class Preprocess:
         n = len(batch["id"])
         rows = [self.process_row({k: _item(v[i]) for k, v in batch.items()}) for i in range(n)]
         return {key: [r[key] for r in rows] for key in OUTPUT_COLUMNS}
+
+
+def _aligned(refs, blobs) -> list[tuple[str, bytes | None]]:
+    """(ref, bytes) per item of a row; either list may be missing or empty (all of the other kind)."""
+    refs, blobs = list(refs if refs is not None else []), list(blobs if blobs is not None else [])
+    n = max(len(refs), len(blobs))
+    return [(refs[i] if i < len(refs) else "", blobs[i] if i < len(blobs) else None) for i in range(n)]
 
 
 def _item(value):

@@ -327,9 +327,15 @@ ROW_COLUMNS = pa.schema([
     ("messages", pa.string()),  # JSON list of {"role", "content"[, "loss"]}
     ("image_refs", pa.list_(pa.string())),  # resolved URIs, in placeholder order
     ("video_refs", pa.list_(pa.string())),
+    # Embedded bytes (hub Parquet, WebDataset members, data: URIs), aligned with image_refs /
+    # video_refs: per item exactly one of ref and bytes is non-empty. Empty lists: all by ref.
+    ("images", pa.list_(pa.binary())),
+    ("videos", pa.list_(pa.binary())),
     ("tools", pa.string()),  # JSON list, "" when the sample has none
     ("source_file", pa.int32()),  # index into the list of sources
     ("source_index", pa.int64()),  # the record's position in its file
+    ("source", pa.int32()),  # which data.train entry (mixture source) the row came from; 0 without a mixture
+    ("source_row", pa.int64()),  # the row's position in its source (sources.Unit.offset + index in the unit)
     ("reason", pa.string()),  # "" for a good row
     ("detail", pa.string()),
 ])
@@ -352,8 +358,8 @@ def to_row(item: Any, row: int, file_no: int, index: int, uri: str, policy: Inpu
 
     user_id = item.get("id") if isinstance(item, dict) else None
     out = {"row": row, "id": f"sample-{row}" if user_id in (None, "") else str(user_id), "messages": "[]",
-           "image_refs": [], "video_refs": [], "tools": "", "source_file": file_no, "source_index": index,
-           "reason": "", "detail": ""}
+           "image_refs": [], "video_refs": [], "images": [], "videos": [], "tools": "", "source_file": file_no,
+           "source_index": index, "source": 0, "source_row": row, "reason": "", "detail": ""}
     try:
         if isinstance(item, DataError):
             raise item
