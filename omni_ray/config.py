@@ -294,6 +294,10 @@ class TrainConfig(Section):
         "fp32 keeps them in full precision (FSDP2 only, when precision is bf16/fp16)."
     )
     gradient_checkpointing: bool = False
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: next-token loss on the answers; dpo: preference pairs (chosen vs rejected "
+        "answer), configured in the dpo section."
+    )
     seed: int = 0
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(
@@ -337,6 +341,67 @@ DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
     "use_data_before_expert_parallelism", "compile", "hybrid_engine", "weight_quantization",
     "gradient_allreduce_op", "disable_python_gc", "timers", "nebula",
 })
+
+
+# --- preference tuning (train.objective: dpo) -------------------------------------------------
+# The losses live in omni_ray/train/preference.py (their formulas and papers in its docstring).
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+DPO_SMOOTHED = ("sigmoid", "robust", "simpo")
+
+
+class DpoConfig(Section):
+    """Preference tuning on chosen/rejected answer pairs; read only with ``train.objective: dpo``."""
+
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO (cDPO with label_smoothing); robust: rDPO; hinge: SLiC-style; ipo: IPO; "
+        "simpo: SimPO (reference-free, length-normalised)."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO's KL strength / IPO's tau (typically 0.1); SimPO's reward scale (its paper "
+        "uses 2.0-2.5)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, validate_default=True, description="Assumed fraction of flipped labels: cDPO with sigmoid and simpo, the noise "
+        "rate of robust (required there); hinge and ipo take none."
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO's target reward margin gamma (its paper uses 0.5-1.6); loss_type simpo only."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of the chosen answers' NLL added to the loss (RPO), a mean over the step's "
+        "chosen answer tokens as in SFT: 1.0 adds exactly the SFT loss of the chosen halves."
+    )
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_of_the_loss_type(cls, value: float, info: ValidationInfo) -> float:
+        loss_type = info.data.get("loss_type")
+        if value and loss_type not in DPO_SMOOTHED:
+            raise ValueError(f"loss_type {loss_type} takes no label smoothing; remove it or use loss_type "
+                             f"{', '.join(DPO_SMOOTHED)}")
+        if loss_type == "robust" and not value:
+            raise ValueError("loss_type robust needs the assumed label-noise rate, in (0, 0.5); set it (e.g. 0.1) "
+                             "or use loss_type sigmoid")
+        return value
+
+    @field_validator("simpo_gamma")
+    @classmethod
+    def _gamma_is_simpo_only(cls, value: float, info: ValidationInfo) -> float:  # runs only when set
+        if info.data.get("loss_type") != "simpo":
+            raise ValueError(f"only loss_type simpo has a target margin, not {info.data.get('loss_type')}; remove "
+                             "it or set dpo.loss_type: simpo")
+        return value
+
+
+def dpo_problems(train: TrainConfig, data: DataConfig, dpo_given: bool) -> list[str]:
+    """Settings that contradict the objective (pure): a dpo section under SFT, packing under DPO."""
+    if train.objective == "sft":
+        return ["dpo: set, but train.objective is sft, so it would do nothing; set train.objective: dpo or remove "
+                "the dpo section"] if dpo_given else []
+    if data.packing:
+        return ["data.packing: not supported with train.objective: dpo (each pair's chosen and rejected rows share "
+                "one prompt); set data.packing: false"]
+    return []
 
 
 class EvalConfig(Section):
@@ -568,6 +633,7 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
+    dpo: DpoConfig = DpoConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -581,6 +647,13 @@ class Config(Section):
         # Runs after MiniCPM-V's flags are mapped, so `tune_llm: false` + `use_lora: true`
         # (LoRA on the LLM) is judged by the mode it maps to, not by the flag's name.
         problems = frozen_group_problems(self.freeze, self.lora)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_matches_the_objective(self) -> "Config":
+        problems = dpo_problems(self.train, self.data, "dpo" in self.model_fields_set)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -49,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
+from omni_ray.config import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SMOOTHED as SMOOTHED
 from omni_ray.data.conversation import IGNORE_INDEX
 from omni_ray.train.loss import chunk_tokens
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+#: Loss types without a reference policy (no reference forward, no snapshot).
 REFERENCE_FREE = ("simpo",)
-#: Loss types that take ``label_smoothing`` (cDPO for sigmoid and simpo, the noise rate for robust).
-SMOOTHED = ("sigmoid", "robust", "simpo")
 
 
 # --- per-sequence log-probs --------------------------------------------------------------------
