@@ -52,6 +52,9 @@ REASONS: tuple[str, ...] = (
     "tools_unsupported",  # the sample has tools but the model's chat template does not render them
     "missing_video",  # the file or object a video reference names does not exist
     "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
+    # preference pairs (omni_ray.data.pairs, train.objective: dpo)
+    "missing_response",  # a pair without its chosen or rejected answer (or a record that is not a pair)
+    "identical_responses",  # chosen and rejected are the same text: no preference to learn
 )
 
 
