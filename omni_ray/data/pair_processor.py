@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor
 from omni_ray.data.errors import DataError
@@ -133,4 +134,36 @@ class PairProcessor:
         return out
 
 
-__all__ = ["PairProcessor"]
+__all__ = ["PER_IMAGE_KEYS", "PairProcessor", "collate_pairs"]
+
+
+# --- batches of pairs ---------------------------------------------------------------------------
+
+#: Per-image (per-frame) size arrays: the language model needs one entry per image *occurrence* in
+#: the rows (Qwen-VL's 3-D rope positions), so they are repeated for the rejected rows; the pixels
+#: are not (``omni_ray.train.preference.shared_vision`` runs the vision tower on them once).
+PER_IMAGE_KEYS = ("image_grid_thw", "video_grid_thw", "target_sizes", "target_sizes_videos")
+
+
+def collate_pairs(pairs: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
+                  pad_to_multiple: int = 1) -> dict:
+    """One batch of 2P rows, [chosen_0 .. chosen_P-1, rejected_0 .. rejected_P-1], pixels once.
+
+    Token arrays are padded as SFT's ``collate`` pads them; ``pairs`` = P. Pixel arrays hold each
+    pair's images once (in pair order); the per-image size arrays (``PER_IMAGE_KEYS``) are given
+    for the chosen rows and repeated for the rejected rows, in row order.
+    """
+    from omni_ray.data.collate import _concat_padded, collate
+
+    rows = [{k.removeprefix(f"{side}_"): v for k, v in p.items() if k.startswith(f"{side}_")}
+            for side in ("chosen", "rejected") for p in pairs]
+    batch = collate(rows, {}, pad_token_id, pad_to_multiple=pad_to_multiple)
+    with_media = [p for p in pairs if int(p.get("num_images", 0)) + int(p.get("num_videos", 0)) > 0]
+    for key, dim in image_inputs.items():
+        parts = [p[key] for p in with_media if key in p]
+        if parts:
+            joined = _concat_padded(parts, dim)
+            batch[key] = torch.from_numpy(np.concatenate([joined, joined], axis=dim) if key in PER_IMAGE_KEYS
+                                          else joined)
+    batch["pairs"] = torch.tensor(len(pairs))
+    return batch

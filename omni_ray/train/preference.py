@@ -142,6 +142,56 @@ def head_logps(head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = 
         del head.forward
 
 
+# --- one forward for both answers -------------------------------------------------------------
+
+
+def _vision_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner VLM module whose forward calls ``get_image_features``: the innermost one holding the
+    language model (the ...ForConditionalGeneration wrapper above it only delegates to it)."""
+    found = [m for m in model.modules() if hasattr(type(m), "get_image_features") and hasattr(m, "language_model")]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no inner module with get_image_features and a language_model")
+    return found[-1]
+
+
+def _twice(features):
+    """Features of the pairs' images, repeated for the rejected rows (per-image tuples or one tensor)."""
+    pooled = features.pooler_output
+    features.pooler_output = (torch.cat([pooled, pooled]) if isinstance(pooled, torch.Tensor)
+                              else type(pooled)([*pooled, *pooled]) if isinstance(pooled, tuple) else [*pooled, *pooled])
+    return features
+
+
+@contextlib.contextmanager
+def shared_vision(model: torch.nn.Module):
+    """Within the block, a forward of a ``collate_pairs`` batch runs the vision tower once per pair.
+
+    The batch holds each pair's pixels once and the per-image sizes twice (chosen rows, then
+    rejected rows). The model's ``get_image_features(pixels, sizes, ...)`` / ``get_video_features``
+    is called inside its forward (so FSDP2 and ZeRO-3 gather the vision weights as usual) with
+    the first half of the sizes, and its features are returned twice: the chosen rows' image
+    tokens take them first, the rejected rows' after, which is the order of the rows.
+    """
+    inner = _vision_module(model)
+    patched = []
+    for name in ("get_image_features", "get_video_features"):
+        original = getattr(inner, name, None)
+        if original is None:
+            continue
+
+        def once(pixels, sizes=None, *args, _original=original, **kwargs):
+            sizes = sizes[: sizes.shape[0] // 2] if sizes is not None else None
+            return _twice(_original(pixels, sizes, *args, **kwargs))
+
+        setattr(inner, name, once)
+        patched.append(name)
+    try:
+        yield model
+    finally:
+        for name in patched:
+            delattr(inner, name)  # the class's method again
+
+
 # --- losses ----------------------------------------------------------------------------------
 
 
@@ -246,4 +296,4 @@ def mean_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 __all__ = ["ChunkedLinearLogProbs", "LOSS_TYPES", "PairLogps", "PairLoss", "REFERENCE_FREE", "SMOOTHED",
            "answer_tokens", "head_logps", "logits_sequence_logps", "mean_metrics", "objective", "pair_loss",
-           "pair_losses", "sequence_logps"]
+           "pair_losses", "sequence_logps", "shared_vision"]
