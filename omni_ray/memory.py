@@ -134,10 +134,11 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     gathered: int = 0  # unsharded copies FSDP2 / ZeRO-3 gather for compute (freed before the optimizer step)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    reference: int = 0  # DPO's reference snapshot (reference_snapshot_bytes), held for the whole run
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.step_bytes
+        return sum(self.weights.values()) + self.reference + self.step_bytes
 
     @property
     def step_bytes(self) -> int:
@@ -159,6 +160,9 @@ class MemoryEstimate:
                   f"  activations       {self.activations / GiB:8.2f} GiB (gradient checkpointing {ckpt}{other})",
                   f"  gathered weights  {self.gathered / GiB:8.2f} GiB (unsharded while computing)",
                   f"    of which loss   {self.logits / GiB:8.2f} GiB"]
+        if self.reference:
+            lines.insert(1 + len(self.weights), f"  DPO reference     {self.reference / GiB:8.2f} GiB (initial values of "
+                         "the fully trained parameters; LoRA and frozen ones are shared)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -382,6 +386,20 @@ def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:
     return None, "no GPU detected and scaling.gpu_memory_gb not set"
 
 
+def reference_snapshot_bytes(plan, layout: Layout, reference_free: bool = False) -> int:
+    """Bytes one worker holds for DPO's reference policy (``omni_ray.train.reference``): a copy of the
+    fully trained parameters' initial values, as the module stores them (FSDP2: fp32, sharded;
+    DeepSpeed: the compute dtype, sharded under ZeRO-3). LoRA adapters (disabled for the reference)
+    and frozen parameters (shared) cost nothing; a reference-free loss (simpo) keeps nothing. The
+    reference forward stashes the current values for its duration (the same size again), while no
+    activations are held; that transient is below the step's peak and is not added."""
+    if reference_free:
+        return 0
+    full = sum(p.numel for p in plan.params if p.mode == "full")
+    itemsize = layout.compute_dtype.itemsize if layout.engine == "deepspeed" else MASTER_BYTES
+    return full * itemsize // (layout.world if layout.shard_weights else 1)
+
+
 def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> str | None:
     """A warning line when the estimate is above the device's memory, else None."""
     if limit is None or estimate.total <= limit:
@@ -392,4 +410,5 @@ def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> st
 
 
 __all__ = ["Layout", "LiveTensorBytes", "MemoryEstimate", "device_memory_bytes", "estimate_memory",
-           "fits_warning", "layout_of", "loss_bytes", "memory_report", "unsharded_numels"]
+           "fits_warning", "layout_of", "loss_bytes", "memory_report", "reference_snapshot_bytes",
+           "unsharded_numels"]
