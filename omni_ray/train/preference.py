@@ -192,6 +192,28 @@ def shared_vision(model: torch.nn.Module):
             delattr(inner, name)  # the class's method again
 
 
+#: Batch entries of ``collate_pairs`` that are not model inputs.
+PAIR_NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive", "pairs")
+
+
+def pair_logps(forward, model: torch.nn.Module, batch: dict, reference=None) -> PairLogps:
+    """Policy (and reference) log-probs of a ``collate_pairs`` batch: one forward of its 2P rows each.
+
+    ``forward(inputs)`` runs the (wrapped) model, e.g. ``engine.forward``; ``model`` is the unwrapped
+    one (its output projection and vision module are patched for the block). ``reference`` is a
+    ``ReferencePolicy`` (None for SimPO); its forward runs first, without gradients.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in PAIR_NON_MODEL_KEYS}
+    labels, head = batch["labels"], model.get_output_embeddings()
+    ref = None
+    if reference is not None:
+        with reference.active(), shared_vision(model), head_logps(head, labels):
+            ref = forward(inputs).logits.detach()
+    with shared_vision(model), head_logps(head, labels):
+        logps = forward(inputs).logits
+    return PairLogps.split(logps, answer_tokens(labels).to(logps.device), ref)
+
+
 # --- losses ----------------------------------------------------------------------------------
 
 

@@ -75,3 +75,36 @@ def test_pair_batch_equals_separate_rows_with_vision_once(tmp_path, family):
     torch.testing.assert_close(split.chosen, direct[:2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(split.rejected, direct[2:], atol=1e-5, rtol=1e-5)
     assert split.chosen_tokens.tolist() != split.rejected_tokens.tolist()  # answers of different lengths
+
+
+def test_dpo_steps_on_a_pair_batch_learn_the_preference(tmp_path):
+    """At step 0 the policy is the reference (loss ln 2, rewards 0); a few DPO steps make every chosen
+    answer's reward the higher one. Projector full + LoRA: both kinds of reference at once."""
+    from omni_ray.train.preference import mean_metrics, objective, pair_logps, pair_loss
+    from omni_ray.train.reference import ReferencePolicy
+
+    spec = get_spec("minicpmv4_6")
+    path = build_tiny("minicpmv4_6", tmp_path / "m", vision_layers=1)
+    model = build_trainable_model(ModelConfig(path=str(path)), FreezeConfig(projector="full", llm="lora"),
+                                  LoraConfig(r=4, alpha=8, dropout=0.0), TrainConfig()).model
+    pair_processor = PairProcessor(build_tiny_processor("minicpmv4_6"), 512, spec.image_inputs)
+    pairs = [pair_processor(p["prompt"], p["chosen"], p["rejected"], [image])
+             for p, image in ((normalize_pair(record, 0), image) for record, image in PAIRS)]
+    batch = collate_pairs(pairs, spec.image_inputs)
+    reference = ReferencePolicy(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    forward = lambda inputs: model(use_cache=False, **inputs)  # noqa: E731 - the engine's forward, unwrapped
+    history = []
+    for _ in range(4):
+        logps = pair_logps(forward, model, batch, reference)
+        part = pair_loss(logps, "sigmoid", beta=0.5)
+        loss = objective(part, sft_weight=0.1, step_pairs=2, step_chosen_tokens=float(logps.chosen_tokens.sum()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append((float(part.loss_sum.detach()) / 2, mean_metrics(part.metrics)))
+    first, last = history[0][1], history[-1][1]
+    assert abs(history[0][0] - torch.log(torch.tensor(2.0)).item()) < 1e-4  # policy == reference at step 0
+    assert abs(first["rewards_margin"]) < 1e-4
+    assert last["rewards_accuracy"] == 1.0 and last["rewards_margin"] > first["rewards_margin"] + 0.1
+    assert history[-1][0] < history[0][0]
