@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -362,19 +362,33 @@ def layout_of(train, strategy, scaling) -> Layout:
 
 
 def memory_report(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
-                  gpu_memory_gb: float | None) -> tuple[str, str | None]:
-    """The estimate by component (text) and, if it is above the device's memory, a warning (else None)."""
+                  gpu_memory_gb: float | None, dpo: bool = False,
+                  reference_free: bool = False) -> tuple[str, str | None]:
+    """The estimate by component (text) and, if it is above the device's memory, a warning (else None).
+
+    ``dpo``: each pair is two rows (chosen, rejected) in one forward, and the reference snapshot is
+    held (none when ``reference_free``, SimPO)."""
     if spec.remote_code:
         return "memory: no estimate for remote-code models (their classes are not run before training)", None
+    estimate = run_estimate(model_cfg, hf_config, spec, plan, lora, layout, batch=batch, seq_len=seq_len, dpo=dpo,
+                            reference_free=reference_free)
+    limit, source = device_memory_bytes(gpu_memory_gb)
+    return estimate.format(), fits_warning(estimate, limit, source)
+
+
+def run_estimate(model_cfg, hf_config: dict, spec, plan, lora, layout: Layout, *, batch: int, seq_len: int,
+                 dpo: bool = False, reference_free: bool = False) -> MemoryEstimate:
+    """``estimate_memory`` for a configured run (``memory_report``'s numbers)."""
     from omni_ray.freeze import apply_plan
     from omni_ray.models.loading import build_skeleton
 
     text = hf_config.get("text_config", hf_config)
     estimate = estimate_memory(lambda: build_skeleton(model_cfg, spec, hf_config), lambda m: apply_plan(m, plan, lora),
-                               plan, layout, batch=batch, seq_len=seq_len, vocab=int(text["vocab_size"]),
-                               **unsharded_numels(plan, spec), compare_checkpointing=False)
-    limit, source = device_memory_bytes(gpu_memory_gb)
-    return estimate.format(), fits_warning(estimate, limit, source)
+                               plan, layout, batch=2 * batch if dpo else batch, seq_len=seq_len,
+                               vocab=int(text["vocab_size"]), **unsharded_numels(plan, spec), compare_checkpointing=False)
+    if dpo:
+        estimate = replace(estimate, reference=reference_snapshot_bytes(plan, layout, reference_free))
+    return estimate
 
 
 def device_memory_bytes(configured_gb: float | None) -> tuple[int | None, str]:
@@ -411,4 +425,4 @@ def fits_warning(estimate: MemoryEstimate, limit: int | None, source: str) -> st
 
 __all__ = ["Layout", "LiveTensorBytes", "MemoryEstimate", "device_memory_bytes", "estimate_memory",
            "fits_warning", "layout_of", "loss_bytes", "memory_report", "reference_snapshot_bytes",
-           "unsharded_numels"]
+           "run_estimate", "unsharded_numels"]

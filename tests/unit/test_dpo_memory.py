@@ -49,3 +49,26 @@ def test_the_estimate_adds_the_reference_to_its_total():
     with_reference = dataclasses.replace(estimate, reference=GiB // 2)
     assert with_reference.total == estimate.total + GiB // 2
     assert "DPO reference" in with_reference.format() and "DPO reference" not in estimate.format()
+
+
+def test_run_estimate_for_dpo_counts_two_rows_per_pair_and_the_reference(tmp_path):
+    import json
+
+    from omni_ray.config import ModelConfig
+    from omni_ray.memory import memory_report, run_estimate
+    from omni_ray.models.loading import build_skeleton
+    from omni_ray.models.tiny import build_tiny_minicpmv
+
+    path = build_tiny_minicpmv(tmp_path / "m", text_layers=1, vision_layers=1)
+    model_cfg, spec = ModelConfig(path=str(path)), get_spec("minicpmv4_6")
+    hf_config = json.loads((path / "config.json").read_text())
+    plan = _plan(build_skeleton(model_cfg, spec, hf_config), vision="frozen", projector="full", llm="lora")
+    args = (model_cfg, hf_config, spec, plan, LORA, Layout())
+    sft = run_estimate(*args, batch=1, seq_len=32)
+    dpo = run_estimate(*args, batch=1, seq_len=32, dpo=True)
+    simpo = run_estimate(*args, batch=1, seq_len=32, dpo=True, reference_free=True)
+    assert sft.reference == simpo.reference == 0 and dpo.reference == reference_snapshot_bytes(plan, Layout()) > 0
+    assert dpo.activations > 1.5 * sft.activations  # chosen and rejected rows: twice the tokens
+    assert dpo.total - dpo.reference == simpo.total
+    text, _ = memory_report(*args, batch=1, seq_len=32, gpu_memory_gb=None, dpo=True)
+    assert "DPO reference" in text
