@@ -22,10 +22,18 @@ Build the policy after the engine wrapped the model:
 * FSDP2: parameters are DTensors; their local shard (``param.to_local()``) is snapshotted and
   written in place (``copy_``), which keeps FSDP2's views into its flat shard buffer intact, and
   the next all-gather (in the reference forward's pre-forward hooks) sees the reference values.
-* DeepSpeed ZeRO-3: each parameter's partition is ``param.ds_tensor`` (``param.data`` is an empty
-  placeholder outside a forward); that partition is what is snapshotted and swapped. ZeRO-2 keeps
-  whole parameters in the module, in the compute dtype, and its fp32 masters in the optimizer:
-  the module's tensors are what the forward reads, so those are snapshotted.
+  Unsharded parameters left from a forward without backward (``reshard_after_forward: false``,
+  the root module) are dropped (``FSDPModule.reshard()``) before and after the reference forward,
+  so neither forward reuses the other's gathered values. Tested at world size 1 (one process,
+  a real ``fully_shard``); the collectives at larger world sizes are the next session's tests.
+* DeepSpeed ZeRO-3 (not tested yet): each parameter's partition is ``param.ds_tensor``
+  (``param.data`` is an empty placeholder outside a forward); that partition is snapshotted and
+  swapped. Parameters below ``stage3_param_persistence_threshold`` stay gathered between forwards
+  and a forward reads them without gathering from the partition: a DPO run with a reference must
+  set that threshold to 0 in the generated DeepSpeed config (norms and biases are small, the cost
+  is a few more all-gathers). ZeRO-2 keeps whole parameters in the module, in the compute dtype,
+  and its fp32 masters in the optimizer: the module's tensors are what the forward reads, so
+  those are snapshotted.
 
 On resume the snapshot must be taken from the *base* checkpoint's values, i.e. build this object
 before the run's checkpoint is loaded into the model (LoRA-only runs do not care: the adapters are
@@ -47,6 +55,17 @@ def local_storage(param: torch.Tensor) -> torch.Tensor:
     if partition is not None:
         return partition
     return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Drop FSDP2's unsharded parameters: with ``reshard_after_forward: false`` (and for the root
+    module) they outlive a forward that has no backward, and the next forward would reuse them
+    instead of gathering the values just swapped in or back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class ReferencePolicy:
@@ -82,6 +101,7 @@ class ReferencePolicy:
         stash = {}
         with torch.no_grad():
             try:
+                _reshard(self.model)
                 for name, param in self.trained.items():
                     storage = local_storage(param)
                     stash[name] = storage.clone()
@@ -91,6 +111,7 @@ class ReferencePolicy:
                     yield self.model
             finally:
                 self.model.train(was_training)
+                _reshard(self.model)
                 for name, current in stash.items():
                     local_storage(self.trained[name]).copy_(current)
 

@@ -101,3 +101,45 @@ def test_reference_free_keeps_nothing(tiny):
     with pytest.raises(RuntimeError, match="reference-free"):
         with reference.active():
             pass
+
+
+def test_reference_under_fsdp2_at_world_size_one(tiny, tmp_path):
+    """A real fully_shard (one process, gloo): the snapshot is of the local shards, and with
+    reshard_after_forward false neither forward reuses the other's gathered parameters."""
+    import torch.distributed as dist
+
+    from omni_ray.config import StrategyConfig
+    from omni_ray.freeze import param_groups
+    from omni_ray.strategies import build_strategy
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        path, batch = tiny
+        built = build_trainable_model(ModelConfig(path=path), FreezeConfig(**FREEZE["projector full + lora llm"]),
+                                      LORA, TrainConfig(seed=0, precision="fp32"))
+        engine = build_strategy(StrategyConfig(reshard_after_forward=False), TrainConfig(precision="fp32", lr=3e-2),
+                                torch.device("cpu"))
+        model = engine.wrap(built.model, built.spec)
+        engine.setup_optimizer(param_groups(model, built.plan, 0.0), 10)
+        reference = ReferencePolicy(model)
+        assert reference.nbytes > 0 and all(hasattr(p, "to_local") for p in reference.trained.values())
+        with reference.active():
+            initial = _logps(model, batch)
+        for _ in range(2):
+            engine.zero_grad()
+            engine.backward(token_loss_sum(engine.forward(_inputs(batch)).logits, batch["labels"]))
+            engine.step()
+        model.eval()
+        with torch.no_grad():
+            policy = _logps(model, batch)
+        with reference.active():
+            ref = _logps(model, batch)
+        with torch.no_grad():
+            again = _logps(model, batch)
+        assert float((policy - initial).abs().max()) > 1e-2
+        torch.testing.assert_close(ref, initial, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again, policy, atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()
