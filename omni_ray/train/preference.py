@@ -80,21 +80,19 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102 - autograd protocol
         hidden, weight, targets = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        hidden_parts, weight_sum = [], torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            h, t, g = hidden[rows], targets[rows], grad_out[rows].float()
-            # d logp_t / d logits = onehot(t) - softmax; times the incoming gradient per row.
-            grad_logits = -torch.softmax((h @ weight.t()).float(), dim=-1) * g[:, None]
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.t() @ h).float()
-        return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None
+            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk, None]
+            g = grad_out[start:start + ctx.chunk, None].float()
+            # d logp_t / d logits = onehot(t) - softmax, scaled by each row's incoming gradient.
+            d_logits = torch.softmax((h @ weight.t()).float(), dim=-1).mul_(-g).scatter_add_(1, t, g).to(hidden.dtype)
+            if want_hidden:
+                hidden_parts.append(d_logits @ weight)
+            if want_weight:  # summed in fp32: a bf16 head gets one rounding, not one per chunk
+                weight_sum += (d_logits.t() @ h).float()
+        grad_hidden = (torch.cat(hidden_parts) if hidden_parts else torch.zeros_like(hidden)) if want_hidden else None
+        return grad_hidden, weight_sum.to(weight.dtype) if want_weight else None, None, None
 
 
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
