@@ -38,6 +38,50 @@ step divides the pair-loss sum by the pairs of the whole step on all ranks and t
 the chosen tokens of the step (both all-reduced before the step, as SFT does with label
 tokens), and multiplies by the world size because the engines average gradients over ranks:
 ``objective(...)`` does this.
+
+**Wiring it into a run** (the next session; every piece named here exists and is unit-tested):
+
+1. Validate (``launch/driver.py``): read the first records of ``data.train`` and ``data.eval``
+   and raise ``ConfigError(pairs.objective_mismatch(records, cfg.train.objective, uri, key))`` when
+   it returns a message. ``memory_estimate`` already passes ``dpo=`` / ``reference_free=``.
+2. Read (``data/reader.py``): with ``objective: dpo`` normalise each record with
+   ``pairs.normalize_pair`` instead of ``formats.normalize_record`` and carry ``prompt`` (JSON
+   messages) plus ``chosen`` / ``rejected`` (strings) beside the row's media columns; rejects
+   (``missing_response``, ``identical_responses``, ...) flow on as rejected rows, counted by reason.
+3. Preprocess (``data/pipeline.Preprocess.process_row``): ``PairProcessor(processor,
+   model_max_length, spec.image_inputs)(prompt, chosen, rejected, images, videos, tools)`` instead
+   of ``SampleProcessor``; its arrays travel as one ``encode``d blob as SFT's do; ``num_tokens`` =
+   both sides' tokens (``too_long`` when the prompt leaves no room for an answer).
+4. Batch (``train/batches.Batcher``): ``micro_batch_size`` counts pairs; ``collate_pairs(pairs,
+   spec.image_inputs, pad_id)`` lays out 2P rows [chosen_0..chosen_P-1, rejected_0..rejected_P-1]
+   with each pair's pixels once and the per-image sizes twice. A vision keep-alive for an
+   image-free pair batch is one extra *pair* whose labels are all IGNORE_INDEX (drop its two rows'
+   log-probs before ``pair_loss``, e.g. ``PairLogps`` fields sliced to the real P).
+5. Build (``train/loop.run``): after ``engine.wrap`` and ``setup_optimizer``, and BEFORE
+   ``resume`` loads a checkpoint (the snapshot must hold the base values):
+   ``reference = ReferencePolicy(engine.unwrapped(), reference_free=loss_type in REFERENCE_FREE)``.
+   ZeRO-3: set ``stage3_param_persistence_threshold: 0`` in the generated DeepSpeed config (see
+   ``omni_ray.train.reference``).
+6. Count (``train/loop.run``): the all-reduce before a step sums ``batch["pairs"]`` and the chosen
+   answer tokens (``answer_tokens(labels)[:P].sum()``) over the step's micro-batches on all ranks,
+   instead of label tokens; ``step_pairs == 0`` on every rank ends the epoch as today.
+7. Step (``train/step.train_step``), per micro-batch, instead of ``model_loss``::
+
+       logps = pair_logps(engine.forward, engine.unwrapped(), batch, reference)  # ref forward first
+       part = pair_loss(logps, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma)
+       engine.backward(objective(part, dpo.sft_weight, step_pairs, step_chosen_tokens, world_size))
+
+   and add ``part.metrics`` (sums) to the ``StepResult``. ``pair_logps`` runs ``shared_vision``
+   (vision tower once per pair, inside the model's forward, so FSDP2 / ZeRO-3 gather as usual) and
+   ``head_logps`` (no [tokens, vocab] logits), for the reference forward (no grad, eval, trained
+   values swapped, adapters off) and the policy forward alike.
+8. Report (``train/loop.Meter``): all-reduce the metric sums with the other totals and report
+   ``mean_metrics(sums)``: ``loss`` (mean pair loss), ``rewards_chosen``, ``rewards_rejected``,
+   ``rewards_margin``, ``rewards_accuracy``, ``logps_chosen``, ``logps_rejected``; the console,
+   metrics.jsonl, TensorBoard and curves.png read them from the report like the SFT keys.
+9. Eval (``observe/eval.Evaluator``): over eval pairs, ``pair_logps`` under ``torch.no_grad()``
+   and ``mean_metrics`` -> ``eval_rewards_accuracy``; the page shows each pair's two log-probs
+   beside the greedy answer to its prompt.
 """
 
 from __future__ import annotations
