@@ -26,7 +26,13 @@ from omni_ray.train.preference import (PairLogps, logits_sequence_logps, mean_me
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-trl = pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def trl():
+    """TRL (the test extra) for the comparisons; the log-prob tests below run without it."""
+    return pytest.importorskip("trl")
+
 P, T = 5, 9  # pairs, positions per row
 
 
@@ -42,7 +48,7 @@ def _batch(seed: int):
     return token_logps, mask, ref
 
 
-def _trl_dpo(token_logps, mask, ref, loss_types, weights, beta, label_smoothing=0.0):
+def _trl_dpo(trl, token_logps, mask, ref, loss_types, weights, beta, label_smoothing=0.0):
     """TRL's DPOTrainer._compute_loss on these log-probs."""
     shift = mask[:, 1:]
     outputs = SimpleNamespace(log_probs=token_logps * shift, entropy=torch.zeros_like(token_logps),
@@ -79,12 +85,12 @@ CASES = [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.7), ("robust", 0.1,
 
 
 @pytest.mark.parametrize(("loss_type", "beta", "smoothing", "sft_weight"), CASES)
-def test_loss_and_gradients_equal_trl(loss_type, beta, smoothing, sft_weight):
+def test_loss_and_gradients_equal_trl(trl, loss_type, beta, smoothing, sft_weight):
     token_logps, mask, ref = _batch(seed=CASES.index((loss_type, beta, smoothing, sft_weight)))
     types, weights = [loss_type], [1.0]
     if sft_weight:
         types, weights = [loss_type, "sft"], [1.0, sft_weight]
-    theirs, their_metrics = _trl_dpo(token_logps, mask, ref, types, weights, beta, smoothing)
+    theirs, their_metrics = _trl_dpo(trl, token_logps, mask, ref, types, weights, beta, smoothing)
     ours, part = _ours(token_logps, mask, ref, loss_type, beta, smoothing, sft_weight)
     assert float(theirs.detach()) > 0
     assert abs(float(ours.detach()) - float(theirs.detach())) < 1e-6
@@ -97,7 +103,7 @@ def test_loss_and_gradients_equal_trl(loss_type, beta, smoothing, sft_weight):
 
 
 @pytest.mark.parametrize(("beta", "gamma", "smoothing"), [(2.0, 0.5, 0.0), (2.5, 1.4, 0.1)])
-def test_simpo_equals_trl_cpo(beta, gamma, smoothing):
+def test_simpo_equals_trl_cpo(trl, beta, gamma, smoothing):
     from trl.experimental.cpo import CPOTrainer
 
     token_logps, mask, ref = _batch(seed=7)
@@ -113,7 +119,7 @@ def test_simpo_equals_trl_cpo(beta, gamma, smoothing):
     assert math.isclose(mean_metrics(part.metrics)["rewards_rejected"], float(rejected.mean()), abs_tol=1e-9)
 
 
-def test_cdpo_label_smoothing_is_the_written_formula():
+def test_cdpo_label_smoothing_is_the_written_formula(trl):
     """cDPO (Mitchell 2023): L = -(1-e) log sigmoid(beta Delta) - e log sigmoid(-beta Delta)."""
     from trl.experimental.cpo import CPOTrainer
 
