@@ -1,0 +1,243 @@
+"""Weighted mixtures: which rows of each source one epoch trains, at which position, in what order.
+
+``data.train`` as a list of source entries (``{path, weight}``, ``{path, samples}``, ``path#N``)
+is a *mixture*. Per epoch, source ``s`` (``n_s`` rows, counted by ``sources.count_units``)
+contributes ``c_s`` rows:
+
+* ``samples: N`` (or ``path#N``): ``c_s = N``, whatever the other sources are;
+* ``weight: w``: the weighted sources share the rows they hold together, ``T = sum n_s`` over
+  them, in proportion to weight: ``c_s = T * w_s / sum w`` (rounded by largest remainder, so the
+  shares add up to ``T`` exactly). ``weight`` is a relative sampling ratio, not a repeat count:
+  two sources of 1,000 and 9,000 rows with weights 1 and 1 give 5,000 rows each (the small
+  one is repeated, the large one subsampled); weights proportional to the sizes keep each
+  source as it is. A plain string item beside entries is ``weight: 1``; an entry with neither
+  key too.
+
+``c_s <= n_s`` trains a seeded subset of exactly ``c_s`` rows; ``c_s > n_s`` trains every row
+``c_s // n_s`` times plus a seeded subset of ``c_s % n_s`` rows once more. A subset is the rows
+whose image under a seeded bijection of ``[0, n_s)`` (:class:`Permutation`, a Feistel network
+with cycle walking) falls below its size: exact, O(1) memory, so a 100M-row source costs
+nothing. The seed is ``train.seed`` (and the source's index). The subset is the same every
+epoch: the dataset is built once per run and re-read per epoch.
+
+Positions (the ``row`` column the data position records, ``omni_ray.data.position``): copy ``k``
+of source row ``r`` of source ``s`` is ``base[s] + k * n_s + r``, where ``base[s]`` leaves each
+earlier source ``ceil(c / n)`` copies of room. Positions are unique and the same on every run
+and world size; without a mixture (one source) the position is the source row, as before.
+A planned row also carries ``row_from``: the position right after the previous planned row of
+its read (the rows a subset leaves out between them), so the loop records consumed positions as
+few ranges even for a subset (see ``train.batches``); no other planned row lies in that range.
+
+Order: one read per (unit, copy), each source's reads in order (copy by copy, unit by unit),
+the sources interleaved by a seeded draw proportional to the rows each has left, so a mixture
+is mixed in the stream; each training worker's shuffle buffer mixes within.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+import numpy as np
+
+from omni_ray.config import ConfigError
+
+__all__ = ["Item", "Permutation", "Plan", "interleave", "make_plan", "plan_rows", "planned_counts"]
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over uint64 arrays (wrapping arithmetic)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded bijection of ``[0, n)``: a balanced Feistel network on the smallest even number of
+    bits covering ``n``, walking the cycle until the image falls inside ``[0, n)`` (fewer than 4
+    rounds of the network on average, since the bit domain is under ``4 n``).
+
+    >>> p = Permutation(10, seed=3); sorted(p(np.arange(10)).tolist()) == list(range(10))
+    True
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int):
+        self.n = int(n)
+        bits = max(2, (self.n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        keys = _mix64(np.asarray([(seed * 0x9E3779B97F4A7C15 + r + 1) & _M64 for r in range(self.ROUNDS)],
+                                 dtype=np.uint64))
+        self.keys = [np.uint64(k) for k in keys]
+
+    def _rounds(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, rows) -> np.ndarray:
+        x = np.asarray(rows, dtype=np.uint64)
+        if self.n <= 1:
+            return x.astype(np.int64)
+        y = self._rounds(x)
+        out = y >= np.uint64(self.n)
+        while out.any():  # cycle walking: the image of a value in [0, n) comes back into [0, n)
+            y[out] = self._rounds(y[out])
+            out = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+def planned_counts(sizes: Sequence[int], weights: Sequence[Optional[float]],
+                   samples: Sequence[Optional[int]]) -> list[int]:
+    """Rows per epoch of each source (see the module docstring): ``samples`` where given, else the
+    weighted sources' total shared by weight, by largest remainder (ties to the earlier source)."""
+    counts = [int(s) if s is not None else 0 for s in samples]
+    weighted = [i for i, s in enumerate(samples) if s is None]
+    if not weighted:
+        return counts
+    total = sum(int(sizes[i]) for i in weighted)
+    wsum = sum(Fraction(weights[i] if weights[i] is not None else 1) for i in weighted)
+    exact = {i: total * Fraction(weights[i] if weights[i] is not None else 1) / wsum for i in weighted}
+    for i in weighted:
+        counts[i] = math.floor(exact[i])
+    left = total - sum(counts[i] for i in weighted)
+    for i in sorted(weighted, key=lambda i: (-(exact[i] - counts[i]), i))[:left]:
+        counts[i] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Item:
+    """One read: a unit of a source, as copy ``copy`` (all its rows, or only the subset's)."""
+
+    source: int
+    unit: int
+    copy: int
+    first: int  # position of source row 0 in this copy: base[source] + copy * n_source
+    partial: bool  # the remainder copy: only rows whose permuted index < the source's remainder
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An epoch over counted sources: rows per source, positions, the subsets and the read order."""
+
+    sources: tuple  # sources.Source, every unit counted, in data.train order
+    counts: tuple[int, ...]  # planned rows per epoch, per source
+    seed: int
+    mixture: bool  # False: one source read as it is (row = source row)
+
+    @property
+    def rows(self) -> int:
+        """Rows per epoch: what the schedule counts (``num_rows``)."""
+        return sum(self.counts)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def size(self, s: int) -> int:
+        return self.sources[s].rows
+
+    def bases(self) -> list[int]:
+        """Position of each source's first row: earlier sources keep room for all their copies."""
+        out, at = [], 0
+        for s, planned in enumerate(self.counts):
+            out.append(at)
+            at += -(-planned // max(self.size(s), 1)) * self.size(s)
+        return out
+
+    def keeper(self, s: int) -> Permutation:
+        return Permutation(self.size(s), seed=(self.seed * 1_000_003 + s) & _M64)
+
+    def in_subset(self, s: int, source_rows) -> np.ndarray:
+        """Whether each source row is in source ``s``'s remainder subset."""
+        return self.keeper(s)(source_rows) < self.counts[s] % max(self.size(s), 1)
+
+    def reads(self, s: int) -> list[tuple[Item, float]]:
+        """Source ``s``'s reads in order, each with the rows it is expected to give."""
+        n, planned, base = self.size(s), self.counts[s], self.bases()[s]
+        copies, remainder = divmod(planned, n) if n else (0, 0)
+        out = []
+        for copy in range(copies + (remainder > 0)):
+            partial = copy == copies
+            for u, unit in enumerate(self.sources[s].units):
+                if unit.rows:
+                    out.append((Item(s, u, copy, base + copy * n, partial),
+                                unit.rows * (remainder / n if partial else 1.0)))
+        return out
+
+    def items(self) -> list[Item]:
+        """Every read of the epoch, in the order the dataset streams them."""
+        return interleave([self.reads(s) for s in range(len(self.sources))], self.seed)
+
+
+def interleave(reads: Sequence[Sequence[tuple[Item, float]]], seed: int) -> list[Item]:
+    """Merge each source's reads (kept in order) by a seeded draw proportional to the rows each
+    source has left, so every stretch of the stream holds the sources in about their shares."""
+    rng = np.random.default_rng([seed & _M64, 0x6D6978])
+    queues = [list(r) for r in reads]
+    heads = [0] * len(queues)
+    left = [sum(rows for _, rows in q) for q in queues]
+    out: list[Item] = []
+    while True:
+        open_ = [s for s, q in enumerate(queues) if heads[s] < len(q)]
+        if not open_:
+            return out
+        weights = np.asarray([max(left[s], 0.0) for s in open_], dtype=np.float64)
+        s = open_[int(rng.choice(len(open_), p=weights / weights.sum()))] if weights.sum() > 0 else open_[0]
+        item, rows = queues[s][heads[s]]
+        heads[s] += 1
+        left[s] -= rows
+        out.append(item)
+
+
+def make_plan(sources: Sequence, seed: int, mixture: bool) -> Plan:
+    """The plan over counted sources (``Source.weight`` / ``Source.samples`` as the user gave them).
+
+    A source with no rows cannot be drawn from: a ConfigError naming it.
+    """
+    sources = tuple(sources)
+    for i, src in enumerate(sources):
+        if mixture and src.rows == 0:
+            raise ConfigError(f"data.train[{i}] ({src.name}): has no records, so nothing can be drawn from it; "
+                              "fix the path or remove the entry")
+    if not mixture:
+        return Plan(sources, tuple(s.rows for s in sources), seed, False)
+    counts = planned_counts([s.rows for s in sources], [s.weight for s in sources], [s.samples for s in sources])
+    return Plan(sources, tuple(counts), seed, True)
+
+
+def plan_rows(plan: Plan, item: Item, rows: Iterable[dict], block: int = 256) -> Iterator[dict]:
+    """The rows of one read as the plan wants them: a partial copy keeps its subset only; each
+    kept row gets its position (``row``), ``row_from`` and ``source`` (the entry's index)."""
+    start = item.first + plan.sources[item.source].units[item.unit].offset
+    cover = start  # the next position no planned row of this read has covered yet
+    buffer: list[dict] = []
+
+    def flush():
+        nonlocal cover
+        keep = (plan.in_subset(item.source, [r["source_row"] for r in buffer]) if item.partial
+                else np.ones(len(buffer), dtype=bool))
+        for row, kept in zip(buffer, keep):
+            if kept:
+                position = item.first + int(row["source_row"])
+                yield {**row, "row": position, "row_from": cover, "source": item.source}
+                cover = position + 1
+        buffer.clear()
+
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) >= block:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,124 @@
+"""The mixture plan (pure): counts per source, seeded subsets, unique positions, repeats, mixed order."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from omni_ray.config import ConfigError
+from omni_ray.data.mixture import Permutation, make_plan, plan_rows, planned_counts
+from omni_ray.data.sources import Source, Unit
+
+
+def source(name: str, unit_rows: list[int], weight=None, samples=None) -> Source:
+    units, offset = [], 0
+    for i, rows in enumerate(unit_rows):
+        units.append(Unit(f"{name}/{i}.jsonl", "jsonl", rows=rows, offset=offset))
+        offset += rows
+    return Source(name, tuple(units), weight=weight, samples=samples)
+
+
+def read_all(plan) -> list[dict]:
+    """Every planned row of the epoch, in stream order (fake unit reads: one dict per source row)."""
+    out = []
+    for item in plan.items():
+        unit = plan.sources[item.source].units[item.unit]
+        rows = ({"source_row": unit.offset + i, "id": f"{item.source}:{unit.offset + i}"} for i in range(unit.rows))
+        out += plan_rows(plan, item, rows, block=7)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
+def test_permutation_is_a_bijection(n):
+    for seed in (0, 1, 12345):
+        assert sorted(Permutation(n, seed)(np.arange(n)).tolist()) == list(range(n))
+
+
+def test_permutation_depends_on_the_seed_and_handles_huge_domains():
+    a, b = Permutation(1000, 0)(np.arange(1000)), Permutation(1000, 1)(np.arange(1000))
+    assert (a != b).sum() > 900
+    big = Permutation(100_000_000, 7)(np.arange(0, 100_000_000, 1_000_003))
+    assert big.max() < 100_000_000 and len(set(big.tolist())) == len(big)
+
+
+def test_planned_counts_follow_weights_and_samples_exactly():
+    # Weighted sources share their total (1000 + 9000) by weight; samples are absolute.
+    assert planned_counts([1000, 9000], [1, 1], [None, None]) == [5000, 5000]
+    assert planned_counts([1000, 9000], [1, 9], [None, None]) == [1000, 9000]
+    assert planned_counts([10, 10, 10], [1, 1, 1], [None, None, None]) == [10, 10, 10]
+    assert planned_counts([10, 0, 10], [2.0, None, 1], [None, 7, None]) == [13, 7, 7]  # 20 * 2/3, 20 * 1/3
+    assert planned_counts([5, 5], [None, None], [3, 12]) == [3, 12]
+    counts = planned_counts([7, 3, 1], [1, 1, 1], [None, None, None])
+    assert sum(counts) == 11 and counts == [4, 4, 3]  # largest remainder, ties to the earlier source
+
+
+def test_subsample_is_exact_deterministic_and_differs_by_seed():
+    srcs = [source("a", [40, 60], samples=30), source("b", [25], weight=1)]
+    rows = read_all(make_plan(srcs, seed=0, mixture=True))
+    by_source = Counter(r["source"] for r in rows)
+    assert by_source == {0: 30, 1: 25}
+    picked = sorted(r["source_row"] for r in rows if r["source"] == 0)
+    assert len(set(picked)) == 30  # a subset: no row twice
+    again = sorted(r["source_row"] for r in read_all(make_plan(srcs, seed=0, mixture=True)) if r["source"] == 0)
+    other = sorted(r["source_row"] for r in read_all(make_plan(srcs, seed=1, mixture=True)) if r["source"] == 0)
+    assert picked == again and picked != other
+
+
+def test_oversampling_repeats_every_row_and_positions_stay_unique():
+    srcs = [source("small", [3, 4], samples=17), source("big", [10, 10], weight=1)]
+    plan = make_plan(srcs, seed=3, mixture=True)
+    rows = read_all(plan)
+    assert len(rows) == plan.rows == 37
+    times = Counter(r["source_row"] for r in rows if r["source"] == 0)
+    assert sorted(times) == list(range(7))  # every row of the small source at least twice...
+    assert sorted(times.values()) == [2] * 4 + [3] * 3  # ...and a seeded 3 of them once more (17 = 2*7 + 3)
+    positions = [r["row"] for r in rows]
+    assert len(set(positions)) == len(positions)
+    # Copy k of row r of source s sits at base[s] + k * n_s + r: small keeps room for 3 copies.
+    assert plan.bases() == [0, 21]
+    assert {r["row"] for r in rows if r["source"] == 1} == set(range(21, 41))
+    for r in rows:
+        assert (r["row"] - plan.bases()[r["source"]]) % plan.size(r["source"]) == r["source_row"]
+
+
+def test_row_from_covers_only_unplanned_positions():
+    srcs = [source("a", [50, 50], samples=20), source("b", [30], samples=45)]
+    rows = read_all(make_plan(srcs, seed=9, mixture=True))
+    planned = {r["row"] for r in rows}
+    for r in rows:
+        assert r["row_from"] <= r["row"]
+        assert not planned & set(range(r["row_from"], r["row"]))  # never covers another planned row
+
+
+def test_reads_are_interleaved_in_proportion():
+    srcs = [source("a", [10] * 40, weight=1), source("b", [10] * 40, weight=3)]
+    plan = make_plan(srcs, seed=5, mixture=True)
+    order = [item.source for item in plan.items()]
+    # 800 rows shared 1:3 -> a: a 200-row subset (40 partial reads); b: all 400 once + a 200-row subset.
+    assert Counter(order) == {0: 40, 1: 80}
+    stream = [r["source"] for r in read_all(plan)]
+    assert Counter(stream) == {0: 200, 1: 600}
+    for quarter in range(4):  # every stretch of the stream holds both, near 1:3
+        share = stream[quarter * 200:(quarter + 1) * 200].count(0) / 200
+        assert 0.1 <= share <= 0.4, (quarter, share)
+    # each source's own reads stay in order (copy by copy, unit by unit)
+    for s in (0, 1):
+        mine = [(i.copy, i.unit) for i in plan.items() if i.source == s]
+        assert mine == sorted(mine)
+    assert [i.source for i in make_plan(srcs, seed=5, mixture=True).items()] == order
+    assert [i.source for i in make_plan(srcs, seed=6, mixture=True).items()] != order
+
+
+def test_one_source_without_mixture_reads_as_before():
+    plan = make_plan([source("all", [4, 0, 6])], seed=11, mixture=False)
+    rows = read_all(plan)
+    assert [r["row"] for r in rows] == list(range(10)) == [r["source_row"] for r in rows]
+    assert [r["row_from"] for r in rows] == list(range(10))
+    assert plan.rows == 10
+
+
+def test_an_empty_source_in_a_mixture_is_named():
+    with pytest.raises(ConfigError, match=r"data.train\[1\] \(b\): has no records"):
+        make_plan([source("a", [3]), source("b", [0], weight=2)], seed=0, mixture=True)
