@@ -122,3 +122,58 @@ def test_one_source_without_mixture_reads_as_before():
 def test_an_empty_source_in_a_mixture_is_named():
     with pytest.raises(ConfigError, match=r"data.train\[1\] \(b\): has no records"):
         make_plan([source("a", [3]), source("b", [0], weight=2)], seed=0, mixture=True)
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def load(train, overrides=None):
+    from omni_ray.config import load_config
+
+    return load_config({"model": {"path": "m"}, "data": {"train": train}}, overrides)
+
+
+def test_plain_lists_stay_one_dataset_and_entries_make_a_mixture():
+    assert load(["a.jsonl", "b.jsonl"]).data.train == ["a.jsonl", "b.jsonl"]
+    assert not load(["a.jsonl", "b.jsonl"]).data.is_mixture()
+    data = load(["a.jsonl", {"path": ["b.jsonl", "c.jsonl"], "weight": 2}, "d.jsonl#100"]).data
+    assert data.is_mixture()
+    got = [(e.path, e.weight, e.samples, e.label()) for e in data.entries()]
+    # A plain path beside entries is weight 1 (weight None); path#N is samples N.
+    assert got == [("a.jsonl", None, None, "a.jsonl"), (["b.jsonl", "c.jsonl"], 2.0, None, "b.jsonl + c.jsonl"),
+                   ("d.jsonl", None, 100, "d.jsonl")]
+    assert load("s3://b/x.jsonl#7").data.entries()[0].samples == 7
+
+
+def test_a_mixture_survives_the_round_trip_to_the_workers():
+    from omni_ray.config import Config
+
+    cfg = load([{"path": "a.jsonl", "weight": 0.5, "name": "A"}, "b.jsonl#3"])
+    again = Config.model_validate(cfg.model_dump(mode="json"))
+    assert again.data.train == cfg.data.train
+
+
+def test_set_takes_entries_on_the_command_line():
+    cfg = load("x.jsonl", ["data.train=[{path: a.jsonl, weight: 2}, b.jsonl#10]"])
+    assert [(e.path, e.weight, e.samples) for e in cfg.data.entries()] == [("a.jsonl", 2.0, None),
+                                                                          ("b.jsonl", None, 10)]
+    assert load("x.jsonl", ["data.train={path: a.jsonl, samples: 4}"]).data.entries()[0].samples == 4
+
+
+@pytest.mark.parametrize("train, message", [
+    ([{"path": "a.jsonl", "weight": 0}], r"data.train: \[0\] \(a.jsonl\): weight must be a number > 0, got 0; give"),
+    (["z.jsonl", {"path": "a.jsonl", "weight": -1.5}], r"\[1\] \(a.jsonl\): weight must be a number > 0"),
+    ([{"path": "a.jsonl", "samples": 0}], r"\[0\] \(a.jsonl\): samples must be a whole number > 0, got 0"),
+    ([{"path": "a.jsonl", "samples": 2.5}], r"samples must be a whole number > 0, got 2.5"),
+    ([{"path": "a.jsonl", "weight": 1, "samples": 3}], r"\[0\] \(a.jsonl\): both weight and samples; give one"),
+    ([{"path": "a.jsonl#3", "weight": 1}], r"`path#N` already gives samples"),
+    ([{"path": "a.jsonl", "wieght": 2}], r"\[0\] \(a.jsonl\): unknown key\(s\) \['wieght'\]; an entry takes path, weight"),
+    ([{"weight": 2}], r"\[0\] \(None\): path must be a path"),
+    (["a.jsonl", "a.jsonl#3"], r"both called 'a.jsonl'; give them distinct `name:`s"),
+    ([{"path": "a.csv", "weight": 1}], r"\[0\] \(a.csv\): 'a.csv' is not an annotation file"),
+])
+def test_bad_entries_name_the_entry_and_the_fix(train, message):
+    from omni_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load(train)
