@@ -27,7 +27,10 @@ from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_so
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
-OUTPUT_COLUMNS = ("row", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
+# row: the position the data position records; row_from: the first position it covers (a mixture's
+# subset leaves some out, see data.mixture); source: the data.train entry it came from.
+OUTPUT_COLUMNS = ("row", "row_from", "source", "id", "sample", "reason", "detail", "num_tokens", "num_images",
+                  "num_image_tokens", "dropped_rounds")
 
 
 class Preprocess:
@@ -64,7 +67,9 @@ class Preprocess:
         return images, videos, tools or None
 
     def process_row(self, row: dict) -> dict:
-        out = {"row": int(row.get("row", -1)), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
+        position = int(row.get("row", -1))
+        out = {"row": position, "row_from": int(row.get("row_from", position)), "source": int(row.get("source") or 0),
+               "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
                "num_images": 0, "num_image_tokens": 0, "dropped_rounds": 0}
         if row.get("reason"):
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}

@@ -69,7 +69,9 @@ def cmd_train(args) -> int:
         # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
         print(f"training failed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"metrics": {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)},
+    metrics = result.metrics or {}
+    print(json.dumps({"metrics": {k: v for k, v in metrics.items()
+                                  if not isinstance(v, dict) or k in ("samples_by_source", "rejected_by_source")},
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "run_dir": str(result.path)}, default=str))
     return 0

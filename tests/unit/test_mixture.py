@@ -177,3 +177,68 @@ def test_bad_entries_name_the_entry_and_the_fix(train, message):
 
     with pytest.raises(ConfigError, match=message):
         load(train)
+
+
+# ------------------------------------------------------------------ the loop's side of a plan
+
+
+def epoch_rows(plan) -> list[dict]:
+    """What Preprocess would emit for the plan's rows: every 5th rejected, the rest a tiny sample."""
+    from omni_ray.data.conversation import encode
+
+    blob = encode({"input_ids": np.arange(3)})
+    return [{"row": r["row"], "row_from": r["row_from"], "source": r["source"], "id": r["id"],
+             "reason": "bad_path" if r["source_row"] % 5 == 0 else "", "sample": blob} for r in read_all(plan)]
+
+
+class _Shard:
+    """Ray's DataIterator over in-memory rows, cut into ``ranks`` strided shards like streaming_split."""
+
+    def __init__(self, rows, rank=0, ranks=1):
+        from omni_ray.train.session import ListIterator
+
+        self.it = ListIterator(rows[rank::ranks])
+
+    def iter_batches(self, **kw):
+        return self.it.iter_batches(**kw)
+
+
+def consume(rows, state, steps=None, rank=0, ranks=1):
+    """Run EpochBatches over one rank's shard for ``steps`` micro-batches (all when None)."""
+    from types import SimpleNamespace
+
+    from omni_ray.config import DataConfig, TrainConfig
+    from omni_ray.train.batches import EpochBatches
+
+    batches = EpochBatches(_Shard(rows, rank, ranks), SimpleNamespace(pack_tokens=None),
+                           TrainConfig(micro_batch_size=3, seed=4), DataConfig(train="x.jsonl", shuffle_buffer=8), state)
+    for n, _ in enumerate(batches._it):
+        if steps is not None and n + 1 >= steps:
+            break
+    return batches
+
+
+def test_resume_over_a_mixture_is_exact_and_counts_per_source():
+    from omni_ray.train.batches import TrainState
+
+    plan = make_plan([source("a", [40, 60], samples=35), source("b", [9], samples=20)], seed=2, mixture=True)
+    rows = epoch_rows(plan)
+    planned = {r["row"] for r in rows}
+    state = TrainState()
+    first = consume(rows, state, steps=6)
+    before = {p for p in planned if p in state.consumed}
+    assert len(before) == first.seen == 18
+    # A subset's consumed positions stay few ranges: covers fill the gaps left by unplanned rows.
+    assert len(state.consumed.ranges()) <= 8, state.consumed.ranges()
+    # Resumed onto 2 ranks: each skips what was trained; together they train the rest, once.
+    second = [consume(rows, state, rank=r, ranks=2) for r in range(2)]
+    assert sum(b.seen for b in second) == len(planned) - len(before)
+    assert {p for p in planned if p in state.consumed} == planned
+    seen, rejected = Counter(), Counter()
+    for b in [first, *second]:
+        seen.update(b.seen_by_source)
+        rejected.update(b.rejected_by_source)
+    assert seen == {0: 35, 1: 20}
+    expected_rejects = Counter(r["source"] for r in rows if r["reason"])
+    assert rejected == expected_rejects and sum(first.rejected.values()) + sum(
+        sum(b.rejected.values()) for b in second) == sum(expected_rejects.values())
