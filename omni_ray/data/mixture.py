@@ -45,7 +45,8 @@ import numpy as np
 
 from omni_ray.config import ConfigError
 
-__all__ = ["Item", "Permutation", "Plan", "interleave", "make_plan", "plan_rows", "planned_counts"]
+__all__ = ["Item", "Permutation", "Plan", "Subset", "check_sources", "interleave", "item_rows", "make_plan",
+           "plan_data", "plan_rows", "planned_counts"]
 
 _M64 = (1 << 64) - 1
 
@@ -118,6 +119,18 @@ def planned_counts(sizes: Sequence[int], weights: Sequence[Optional[float]],
 
 
 @dataclass(frozen=True)
+class Subset:
+    """The rows of a source whose permuted index falls below ``size``: small enough to ship to a read task."""
+
+    n: int
+    size: int
+    seed: int
+
+    def __call__(self, source_rows) -> np.ndarray:
+        return Permutation(self.n, self.seed)(source_rows) < self.size
+
+
+@dataclass(frozen=True)
 class Item:
     """One read: a unit of a source, as copy ``copy`` (all its rows, or only the subset's)."""
 
@@ -157,12 +170,14 @@ class Plan:
             at += -(-planned // max(self.size(s), 1)) * self.size(s)
         return out
 
-    def keeper(self, s: int) -> Permutation:
-        return Permutation(self.size(s), seed=(self.seed * 1_000_003 + s) & _M64)
+    def subset(self, s: int) -> "Subset":
+        """Source ``s``'s remainder subset (``counts % rows`` of its rows)."""
+        n = self.size(s)
+        return Subset(n, self.counts[s] % max(n, 1), (self.seed * 1_000_003 + s) & _M64)
 
     def in_subset(self, s: int, source_rows) -> np.ndarray:
         """Whether each source row is in source ``s``'s remainder subset."""
-        return self.keeper(s)(source_rows) < self.counts[s] % max(self.size(s), 1)
+        return self.subset(s)(source_rows)
 
     def reads(self, s: int) -> list[tuple[Item, float]]:
         """Source ``s``'s reads in order, each with the rows it is expected to give."""
@@ -219,16 +234,21 @@ def make_plan(sources: Sequence, seed: int, mixture: bool) -> Plan:
 
 
 def plan_rows(plan: Plan, item: Item, rows: Iterable[dict], block: int = 256) -> Iterator[dict]:
-    """The rows of one read as the plan wants them: a partial copy keeps its subset only; each
-    kept row gets its position (``row``), ``row_from`` and ``source`` (the entry's index)."""
-    start = item.first + plan.sources[item.source].units[item.unit].offset
-    cover = start  # the next position no planned row of this read has covered yet
+    """The rows of one read as the plan wants them (see :func:`item_rows`)."""
+    unit = plan.sources[item.source].units[item.unit]
+    return item_rows(item, unit.offset, plan.subset(item.source) if item.partial else None, rows, block)
+
+
+def item_rows(item: Item, unit_offset: int, subset: Optional[Subset], rows: Iterable[dict],
+              block: int = 256) -> Iterator[dict]:
+    """The rows of one read: a partial copy keeps its ``subset`` only; each kept row gets its
+    position (``row``), ``row_from`` and ``source`` (the entry's index). What a read task runs."""
+    cover = item.first + unit_offset  # the next position no planned row of this read has covered yet
     buffer: list[dict] = []
 
     def flush():
         nonlocal cover
-        keep = (plan.in_subset(item.source, [r["source_row"] for r in buffer]) if item.partial
-                else np.ones(len(buffer), dtype=bool))
+        keep = subset([r["source_row"] for r in buffer]) if subset is not None else np.ones(len(buffer), dtype=bool)
         for row, kept in zip(buffer, keep):
             if kept:
                 position = item.first + int(row["source_row"])
@@ -241,3 +261,42 @@ def plan_rows(plan: Plan, item: Item, rows: Iterable[dict], block: int = 256) ->
         if len(buffer) >= block:
             yield from flush()
     yield from flush()
+
+
+# ------------------------------------------------------------------ from data.train to a plan
+
+
+def _resolved(data, storage) -> list:
+    """``data.train``'s sources resolved (uncounted), each with the name, weight and samples of its entry."""
+    from dataclasses import replace
+
+    from omni_ray.data.sources import resolve_entry
+
+    mixture, out = data.is_mixture(), []
+    for i, entry in enumerate(data.entries()):
+        columns = entry.columns if entry.columns is not None else _columns(data)
+        source = resolve_entry(entry.path, storage, f"data.train[{i}]" if mixture else "data.train", columns=columns)
+        out.append(replace(source, name=entry.label(), weight=entry.weight, samples=entry.samples) if mixture
+                   else source)
+    return out
+
+
+def _columns(data) -> Optional[dict]:
+    columns = getattr(data, "columns", None)
+    return columns.model_dump() if hasattr(columns, "model_dump") else columns
+
+
+def check_sources(data, storage=None) -> None:
+    """What ``omni-ray validate`` checks of ``data.train``: every source exists and is in a known form."""
+    _resolved(data, storage)
+
+
+def plan_data(data, storage=None, seed: int = 0) -> Plan:
+    """``data.train`` (a DataConfig) resolved, counted (one streaming pass over annotation files;
+    prepared shards and Parquet footers are counted from metadata) and planned with ``seed``."""
+    from omni_ray.data.reader import InputPolicy
+    from omni_ray.data.sources import count_units
+
+    policy = InputPolicy.from_data(data)
+    sources = [count_units(s, storage, policy) for s in _resolved(data, storage)]
+    return make_plan(sources, seed, data.is_mixture())
