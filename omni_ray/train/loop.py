@@ -143,7 +143,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
                        resumed_from=saved["step"], saved_at=saved["step"],
                        reports=saved["reports"])
     if session.rank == 0:
-        log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
+        log.info("resumed from %s: step %d, epoch %d, %d row positions of this epoch already trained",
                  path, state.step, state.epoch, len(state.consumed))
     return state
 
