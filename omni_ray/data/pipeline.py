@@ -12,6 +12,7 @@ and stops past ``data.max_bad_fraction``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -23,7 +24,9 @@ from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
-from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_sources
+from omni_ray.data.mixture import Item, Plan, Subset, item_rows, make_plan, plan_data
+from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows
+from omni_ray.data.sources import Source, Unit, count_units, read_unit
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
@@ -122,86 +125,90 @@ def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
     return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
 
 
-class JsonRowsDatasource(Datasource):
-    """Annotation files into Ray Data: one read task streams rows in blocks of ``rows_per_block``.
+#: What a read task yields: ROW_COLUMNS and ``row_from``, the first position a row covers
+#: (a mixture's subset leaves positions out; see omni_ray.data.mixture).
+PLANNED_COLUMNS = ROW_COLUMNS.append(pa.field("row_from", pa.int64()))
 
-    One task reads the files in order, so ``row`` stays global without a counting pass, and
-    it holds one block of text (no images) at a time; neither the driver nor the object
-    store ever holds the dataset at once. Images are read after it, by ``Preprocess``.
+
+class PlanDatasource(Datasource):
+    """A plan over counted sources into Ray Data: one read task per read of the plan.
+
+    A read is one unit of a source (a file, a tar shard, a prepared shard), as one of its copies
+    in the epoch (data.mixture): the task streams the unit's rows, keeps those the plan trains
+    and gives each its position, in blocks of ``rows_per_block``, holding one block of text
+    (and, for hub Parquet and tars, that block's embedded images) at a time; neither the driver
+    nor the object store ever holds the dataset at once. With ``preserve_order``
+    (build_dataset) the tasks' blocks arrive in the plan's order, the same every run. Without a
+    mixture the reads are the source's units in order and ``row`` is the row's source position.
     """
 
-    def __init__(self, files: list[str], storage: Optional[StorageConfig], policy: InputPolicy,
-                 rows_per_block: int = 256):
-        self.files, self.storage, self.policy, self.rows_per_block = files, storage, policy, rows_per_block
+    def __init__(self, plan: Plan, storage: Optional[StorageConfig], policy: InputPolicy, rows_per_block: int = 256):
+        self.plan, self.storage, self.policy, self.rows_per_block = plan, storage, policy, rows_per_block
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
 
     def get_name(self) -> str:
-        return "OmniRayJsonRows"
+        return "OmniRayPlan"
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context=None):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        files, storage, policy, n = self.files, self.storage, self.policy, self.rows_per_block
+        tasks = []
+        for item in self.plan.items():
+            source = self.plan.sources[item.source]
+            unit = source.units[item.unit]
+            subset = self.plan.subset(item.source) if item.partial else None
+            meta = BlockMetadata(num_rows=None if item.partial else unit.rows, size_bytes=None, exec_stats=None,
+                                 input_files=(unit.uri,))
+            read_fn = functools.partial(planned_blocks, item, unit, source, subset, self.storage, self.policy,
+                                        self.rows_per_block)
+            tasks.append(ReadTask(read_fn, meta, schema=PLANNED_COLUMNS))
+        return tasks
 
-        def read_fn():
+
+def planned_blocks(item: Item, unit: Unit, source: Source, subset: Optional[Subset], storage: Optional[StorageConfig],
+                   policy: InputPolicy, rows_per_block: int = 256):
+    """One read task's body: the planned rows of ``unit`` as Arrow tables of at most ``rows_per_block`` rows."""
+    block = []
+    for row in item_rows(item, unit.offset, subset, read_unit(unit, source, storage, policy), rows_per_block):
+        block.append(row)
+        if len(block) == rows_per_block:
+            yield pa.Table.from_pylist(block, schema=PLANNED_COLUMNS)
             block = []
-            for row in iter_rows(files, storage, policy):
-                block.append(row)
-                if len(block) == n:
-                    yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-                    block = []
-            if block:
-                yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-
-        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(files))
-        return [ReadTask(read_fn, meta, schema=ROW_COLUMNS)]
+    if block:
+        yield pa.Table.from_pylist(block, schema=PLANNED_COLUMNS)
 
 
-def _with_rows(batch: pa.Table, first_rows: dict) -> pa.Table:
-    """Prepared shards: ``row`` = the shard's first row (manifest, in shard order) + the row in it."""
-    shards = batch.column("shard").to_numpy()
-    offsets = np.asarray([first_rows[int(s)] for s in shards], dtype=np.int64)
-    rows = offsets + batch.column("shard_row").to_numpy().astype(np.int64)
-    return batch.append_column("row", pa.array(rows, pa.int64()))
+def as_plan(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> Plan:
+    """``source`` as a plan: a Plan as it is; a Source counted, read as it is; a data.train value
+    (a path, a list, mixture entries) resolved, counted and planned with ``seed``."""
+    if isinstance(source, Plan):
+        return source
+    if isinstance(source, Source):
+        if any(u.offset is None for u in source.units):
+            source = count_units(source, storage, InputPolicy.from_data(data))
+        return make_plan([source], seed, mixture=False)
+    if source is not data.train:
+        data = data.model_copy()
+        data.train = source  # validated on assignment: mixture entries parsed
+    return plan_data(data, storage, seed)
 
 
-def read_source(source: str | list[str], data: DataConfig, storage: StorageConfig | None):
-    """The unprocessed rows of ``source`` as a Ray Dataset, each with its ``row`` position."""
+def read_source(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0):
+    """The unprocessed rows of ``source`` (see :func:`as_plan`) as a Ray Dataset, each with its ``row`` position."""
     import ray.data
 
-    from omni_ray import storage as st
-
-    kind, uris = resolve_sources(source, storage)
     env = {"env_vars": storage.worker_env()} if storage else None
-    if kind == "json":
-        return ray.data.read_datasource(JsonRowsDatasource(uris, storage, InputPolicy.from_data(data)),
-                                        runtime_env=env)
-    from omni_ray.data.prepare import read_manifest, shard_uris
-
-    manifest = read_manifest(uris[0], storage)
-    fs, _ = st.resolve(uris[0], storage)
-    paths = [st.resolve(u, storage)[1] for u in shard_uris(uris[0], manifest)]
-    first_rows = {s["shard"]: s["first_row"] for s in manifest["shards"]}
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools",
-                                                              "shard", "shard_row"], runtime_env=env)
-    return ds.map_batches(_with_rows, fn_kwargs={"first_rows": first_rows}, batch_format="pyarrow", runtime_env=env)
+    plan = as_plan(source, data, storage, seed)
+    return ray.data.read_datasource(PlanDatasource(plan, storage, InputPolicy.from_data(data)), runtime_env=env)
 
 
-def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig | None) -> int:
-    """Rows in one epoch of ``source``: a prepared manifest's accepted count, or the JSON files'
-    records (one streaming pass; rejected records count, they flow through as rows)."""
-    from omni_ray.data.reader import iter_records
-
-    kind, uris = resolve_sources(source, storage)
-    if kind == "prepared":
-        from omni_ray.data.prepare import read_manifest
-
-        return int(read_manifest(uris[0], storage)["counts"]["accepted"])
-    policy = InputPolicy.from_data(data)
-    return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
+def count_rows(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> int:
+    """Rows in one epoch of ``source``: every record of every unit (rejected ones flow through as
+    rows), or a mixture's planned rows."""
+    return as_plan(source, data, storage, seed).rows
 
 
 def _actor_pool(bounds: int | tuple[int, int]):
@@ -212,9 +219,10 @@ def _actor_pool(bounds: int | tuple[int, int]):
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
 
 
-def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
-                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
+def build_dataset(source, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
+                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None, seed: int = 0):
+    """A Ray Dataset of processed rows for ``source`` (a data.train value, a Source or a Plan; see
+    :func:`as_plan`; ``seed`` draws a mixture's plan).
 
     ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
     """
@@ -226,7 +234,7 @@ def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig,
     # A deterministic order per worker: runs are reproducible, and a resumed run skips exactly
     # the rows the interrupted one trained on (see train.loop.epoch_batches).
     context.execution_options.preserve_order = True
-    ds = read_source(source, data, storage)
+    ds = read_source(source, data, storage, seed)
     return ds.map_batches(
         Preprocess,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
