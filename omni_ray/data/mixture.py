@@ -28,24 +28,28 @@ A planned row also carries ``row_from``: the position right after the previous p
 its read (the rows a subset leaves out between them), so the loop records consumed positions as
 few ranges even for a subset (see ``train.batches``); no other planned row lies in that range.
 
-Order: one read per (unit, copy), each source's reads in order (copy by copy, unit by unit),
-the sources interleaved by a seeded draw proportional to the rows each has left, so a mixture
-is mixed in the stream; each training worker's shuffle buffer mixes within.
+Order: a read is one (unit, copy); each source's reads stay in order (copy by copy, unit by
+unit). Read tasks are *lanes* (:meth:`Plan.lanes`): each holds a stretch of every source's reads
+and interleaves their rows one by one by a seeded draw proportional to the rows each has left
+(:func:`merge`), so a mixture is mixed in the stream even when each source is one file; lanes
+run in parallel and arrive in order; each training worker's shuffle buffer mixes further.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from omni_ray.config import ConfigError
 
-__all__ = ["Item", "Permutation", "Plan", "Subset", "check_sources", "interleave", "item_rows", "make_plan",
+__all__ = ["Item", "Permutation", "Plan", "Subset", "check_sources", "item_rows", "make_plan", "merge",
            "plan_data", "plan_rows", "planned_counts"]
 
 _M64 = (1 << 64) - 1
@@ -192,29 +196,44 @@ class Plan:
                                 unit.rows * (remainder / n if partial else 1.0)))
         return out
 
-    def items(self) -> list[Item]:
-        """Every read of the epoch, in the order the dataset streams them."""
-        return interleave([self.reads(s) for s in range(len(self.sources))], self.seed)
+    def lanes(self) -> list[list[list[tuple[Item, float]]]]:
+        """The epoch's read tasks, in stream order: lane -> per source -> its reads in order.
+
+        Each source's reads are cut into as many contiguous stretches as the source with the
+        fewest reads has (at least one), and lane ``j`` gets stretch ``j`` of every source, so every
+        lane holds every source and :func:`merge` mixes them row by row; lanes run in parallel.
+        One source: one lane per unit, as before.
+        """
+        reads = [self.reads(s) for s in range(len(self.sources))]
+        k = max(1, min((len(r) for r in reads if r), default=1))
+        return [[r[j * len(r) // k:(j + 1) * len(r) // k] for r in reads] for j in range(k)]
 
 
-def interleave(reads: Sequence[Sequence[tuple[Item, float]]], seed: int) -> list[Item]:
-    """Merge each source's reads (kept in order) by a seeded draw proportional to the rows each
-    source has left, so every stretch of the stream holds the sources in about their shares."""
-    rng = np.random.default_rng([seed & _M64, 0x6D6978])
-    queues = [list(r) for r in reads]
-    heads = [0] * len(queues)
-    left = [sum(rows for _, rows in q) for q in queues]
-    out: list[Item] = []
-    while True:
-        open_ = [s for s, q in enumerate(queues) if heads[s] < len(q)]
-        if not open_:
-            return out
-        weights = np.asarray([max(left[s], 0.0) for s in open_], dtype=np.float64)
-        s = open_[int(rng.choice(len(open_), p=weights / weights.sum()))] if weights.sum() > 0 else open_[0]
-        item, rows = queues[s][heads[s]]
-        heads[s] += 1
-        left[s] -= rows
-        out.append(item)
+def merge(lane: Sequence[Sequence[tuple[Any, float]]], read, seed: int, lane_no: int) -> Iterator[dict]:
+    """One lane's rows: each source's reads in order (``read(what)`` streams one: ``what`` is the
+    first of each ``(what, expected rows)`` pair, e.g. an :class:`Item`), the sources
+    interleaved row by row by a seeded draw proportional to the rows each has left, so every
+    stretch of the stream holds the sources in about their shares."""
+    rng = random.Random(f"omni_ray-mixture:{seed}:{lane_no}")  # str seeds hash the same on every run
+    streams = {s: itertools.chain.from_iterable(read(item) for item, _ in reads)
+               for s, reads in enumerate(lane) if reads}
+    left = {s: sum(rows for _, rows in lane[s]) for s in streams}
+    while streams:
+        open_ = sorted(streams)
+        weights = [max(left[s], 0.5) for s in open_]  # estimates for subsets: a stream may outlast its own
+        s = open_[-1]
+        pick, acc = rng.random() * sum(weights), 0.0
+        for candidate, weight in zip(open_, weights):
+            acc += weight
+            if pick < acc:
+                s = candidate
+                break
+        row = next(streams[s], None)
+        if row is None:
+            del streams[s]
+            continue
+        left[s] -= 1
+        yield row
 
 
 def make_plan(sources: Sequence, seed: int, mixture: bool) -> Plan:

@@ -24,9 +24,9 @@ from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
-from omni_ray.data.mixture import Item, Plan, Subset, item_rows, make_plan, plan_data
+from omni_ray.data.mixture import Plan, item_rows, make_plan, merge, plan_data
 from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows
-from omni_ray.data.sources import Source, Unit, count_units, read_unit
+from omni_ray.data.sources import Source, count_units, read_unit
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
@@ -131,15 +131,15 @@ PLANNED_COLUMNS = ROW_COLUMNS.append(pa.field("row_from", pa.int64()))
 
 
 class PlanDatasource(Datasource):
-    """A plan over counted sources into Ray Data: one read task per read of the plan.
+    """A plan over counted sources into Ray Data: one read task per lane of the plan.
 
-    A read is one unit of a source (a file, a tar shard, a prepared shard), as one of its copies
-    in the epoch (data.mixture): the task streams the unit's rows, keeps those the plan trains
-    and gives each its position, in blocks of ``rows_per_block``, holding one block of text
-    (and, for hub Parquet and tars, that block's embedded images) at a time; neither the driver
-    nor the object store ever holds the dataset at once. With ``preserve_order``
-    (build_dataset) the tasks' blocks arrive in the plan's order, the same every run. Without a
-    mixture the reads are the source's units in order and ``row`` is the row's source position.
+    Without a mixture a lane is one unit of the source (a file, a tar shard, a prepared shard),
+    read in order; with one, a lane holds a stretch of every source's reads (unit x copy) and
+    interleaves their rows (data.mixture). A task streams its rows, keeps those the plan trains
+    and gives each its position, in blocks of ``rows_per_block``, holding one block of text (and,
+    for hub Parquet and tars, that block's embedded images) at a time; neither the driver nor
+    the object store ever holds the dataset at once. With ``preserve_order`` (build_dataset) the
+    tasks' blocks arrive in the plan's order, the same every run.
     """
 
     def __init__(self, plan: Plan, storage: Optional[StorageConfig], policy: InputPolicy, rows_per_block: int = 256):
@@ -155,24 +155,31 @@ class PlanDatasource(Datasource):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        tasks = []
-        for item in self.plan.items():
-            source = self.plan.sources[item.source]
-            unit = source.units[item.unit]
-            subset = self.plan.subset(item.source) if item.partial else None
-            meta = BlockMetadata(num_rows=None if item.partial else unit.rows, size_bytes=None, exec_stats=None,
-                                 input_files=(unit.uri,))
-            read_fn = functools.partial(planned_blocks, item, unit, source, subset, self.storage, self.policy,
+        plan, tasks = self.plan, []
+        for lane_no, lane in enumerate(plan.lanes()):
+            # Only what the lane reads travels with its task: each read's item, source and subset.
+            reads = [[((item, plan.sources[item.source], plan.subset(item.source) if item.partial else None), rows)
+                      for item, rows in source_reads] for source_reads in lane]
+            uris = tuple(plan.sources[i.source].units[i.unit].uri for source_reads in lane for i, _ in source_reads)
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=uris)
+            read_fn = functools.partial(lane_blocks, reads, plan.seed, lane_no, self.storage, self.policy,
                                         self.rows_per_block)
             tasks.append(ReadTask(read_fn, meta, schema=PLANNED_COLUMNS))
         return tasks
 
 
-def planned_blocks(item: Item, unit: Unit, source: Source, subset: Optional[Subset], storage: Optional[StorageConfig],
-                   policy: InputPolicy, rows_per_block: int = 256):
-    """One read task's body: the planned rows of ``unit`` as Arrow tables of at most ``rows_per_block`` rows."""
+def lane_blocks(reads: list, seed: int, lane_no: int, storage: Optional[StorageConfig], policy: InputPolicy,
+                rows_per_block: int = 256):
+    """One read task's body: a lane's planned rows as Arrow tables of at most ``rows_per_block`` rows
+    (``reads``: per source, ``((item, source, subset), expected rows)`` in order; see mixture.merge)."""
+
+    def read(what):
+        item, source, subset = what
+        unit = source.units[item.unit]
+        return item_rows(item, unit.offset, subset, read_unit(unit, source, storage, policy), rows_per_block)
+
     block = []
-    for row in item_rows(item, unit.offset, subset, read_unit(unit, source, storage, policy), rows_per_block):
+    for row in merge(reads, read, seed, lane_no):
         block.append(row)
         if len(block) == rows_per_block:
             yield pa.Table.from_pylist(block, schema=PLANNED_COLUMNS)

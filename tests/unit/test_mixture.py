@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omni_ray.config import ConfigError
-from omni_ray.data.mixture import Permutation, make_plan, plan_rows, planned_counts
+from omni_ray.data.mixture import Permutation, make_plan, merge, plan_rows, planned_counts
 from omni_ray.data.sources import Source, Unit
 
 
@@ -22,12 +22,12 @@ def source(name: str, unit_rows: list[int], weight=None, samples=None) -> Source
 
 def read_all(plan) -> list[dict]:
     """Every planned row of the epoch, in stream order (fake unit reads: one dict per source row)."""
-    out = []
-    for item in plan.items():
+    def read(item):
         unit = plan.sources[item.source].units[item.unit]
         rows = ({"source_row": unit.offset + i, "id": f"{item.source}:{unit.offset + i}"} for i in range(unit.rows))
-        out += plan_rows(plan, item, rows, block=7)
-    return out
+        return plan_rows(plan, item, rows, block=7)
+
+    return [row for j, lane in enumerate(plan.lanes()) for row in merge(lane, read, plan.seed, j)]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
@@ -92,23 +92,30 @@ def test_row_from_covers_only_unplanned_positions():
         assert not planned & set(range(r["row_from"], r["row"]))  # never covers another planned row
 
 
-def test_reads_are_interleaved_in_proportion():
-    srcs = [source("a", [10] * 40, weight=1), source("b", [10] * 40, weight=3)]
+@pytest.mark.parametrize("units", [1, 40])
+def test_sources_are_mixed_row_by_row_in_proportion(units):
+    # One file per source (the common case) or 40 shards each: the stream is mixed either way.
+    srcs = [source("a", [400 // units] * units, weight=1), source("b", [400 // units] * units, weight=3)]
     plan = make_plan(srcs, seed=5, mixture=True)
-    order = [item.source for item in plan.items()]
-    # 800 rows shared 1:3 -> a: a 200-row subset (40 partial reads); b: all 400 once + a 200-row subset.
-    assert Counter(order) == {0: 40, 1: 80}
-    stream = [r["source"] for r in read_all(plan)]
-    assert Counter(stream) == {0: 200, 1: 600}
-    for quarter in range(4):  # every stretch of the stream holds both, near 1:3
-        share = stream[quarter * 200:(quarter + 1) * 200].count(0) / 200
-        assert 0.1 <= share <= 0.4, (quarter, share)
-    # each source's own reads stay in order (copy by copy, unit by unit)
-    for s in (0, 1):
-        mine = [(i.copy, i.unit) for i in plan.items() if i.source == s]
+    stream = read_all(plan)
+    # 800 rows shared 1:3 -> a: a 200-row subset; b: all 400 once + a 200-row subset.
+    assert Counter(r["source"] for r in stream) == {0: 200, 1: 600}
+    for part in range(8):  # every stretch of 100 rows holds both, near 1:3
+        share = [r["source"] for r in stream[part * 100:(part + 1) * 100]].count(0) / 100
+        assert 0.1 <= share <= 0.4, (part, share)
+    for s in (0, 1):  # each source's own rows stay in order, copy by copy
+        mine = [r["row"] for r in stream if r["source"] == s]
         assert mine == sorted(mine)
-    assert [i.source for i in make_plan(srcs, seed=5, mixture=True).items()] == order
-    assert [i.source for i in make_plan(srcs, seed=6, mixture=True).items()] != order
+    assert [r["row"] for r in read_all(make_plan(srcs, seed=5, mixture=True))] == [r["row"] for r in stream]
+    assert [r["source"] for r in read_all(make_plan(srcs, seed=6, mixture=True))] != [r["source"] for r in stream]
+
+
+def test_lanes_hold_every_source_and_one_source_keeps_one_task_per_unit():
+    plan = make_plan([source("a", [10] * 6, weight=2), source("b", [10] * 3, weight=1)], seed=0, mixture=True)
+    lanes = plan.lanes()
+    assert len(lanes) == 3 and all(all(reads) for reads in lanes)
+    alone = make_plan([source("all", [5, 5, 5])], seed=0, mixture=False).lanes()
+    assert [[[item.unit for item, _ in reads] for reads in lane] for lane in alone] == [[[0]], [[1]], [[2]]]
 
 
 def test_one_source_without_mixture_reads_as_before():
