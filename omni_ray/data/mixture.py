@@ -163,6 +163,10 @@ class Plan:
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    def census(self) -> "Plan":
+        """Every row of every source once (``data check``: counts and rejects per source)."""
+        return Plan(self.sources, tuple(s.rows for s in self.sources), self.seed, self.mixture)
+
     def size(self, s: int) -> int:
         return self.sources[s].rows
 

@@ -249,3 +249,9 @@ def test_resume_over_a_mixture_is_exact_and_counts_per_source():
     expected_rejects = Counter(r["source"] for r in rows if r["reason"])
     assert rejected == expected_rejects and sum(first.rejected.values()) + sum(
         sum(b.rejected.values()) for b in second) == sum(expected_rejects.values())
+
+
+def test_the_census_reads_every_row_of_every_source_once():
+    plan = make_plan([source("a", [30, 20], samples=7), source("b", [4], samples=9)], seed=1, mixture=True)
+    rows = read_all(plan.census())
+    assert sorted((r["source"], r["source_row"]) for r in rows) == [(0, i) for i in range(50)] + [(1, i) for i in range(4)]
