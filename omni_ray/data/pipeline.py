@@ -157,10 +157,8 @@ class PlanDatasource(Datasource):
 
         plan, tasks = self.plan, []
         for lane_no, lane in enumerate(plan.lanes()):
-            # Only what the lane reads travels with its task: each read's item, source and subset.
-            reads = [[((item, plan.sources[item.source], plan.subset(item.source) if item.partial else None), rows)
-                      for item, rows in source_reads] for source_reads in lane]
-            uris = tuple(plan.sources[i.source].units[i.unit].uri for source_reads in lane for i, _ in source_reads)
+            reads = [[(_read_of(plan, item), rows) for item, rows in source_reads] for source_reads in lane]
+            uris = tuple(what[1].uri for source_reads in reads for what, _ in source_reads)
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=uris)
             read_fn = functools.partial(lane_blocks, reads, plan.seed, lane_no, self.storage, self.policy,
                                         self.rows_per_block)
@@ -168,14 +166,22 @@ class PlanDatasource(Datasource):
         return tasks
 
 
+def _read_of(plan: Plan, item) -> tuple:
+    """What one read needs in its task: the item, its unit, its source holding that unit alone (a
+    source of 100k shards is not shipped to every task; ``source_file`` is then 0, which nothing
+    after the reader uses) and the source's subset for a partial copy."""
+    source = plan.sources[item.source]
+    unit = source.units[item.unit]
+    return item, unit, source.with_units((unit,)), plan.subset(item.source) if item.partial else None
+
+
 def lane_blocks(reads: list, seed: int, lane_no: int, storage: Optional[StorageConfig], policy: InputPolicy,
                 rows_per_block: int = 256):
     """One read task's body: a lane's planned rows as Arrow tables of at most ``rows_per_block`` rows
-    (``reads``: per source, ``((item, source, subset), expected rows)`` in order; see mixture.merge)."""
+    (``reads``: per source, ``(_read_of(...), expected rows)`` in order; see mixture.merge)."""
 
     def read(what):
-        item, source, subset = what
-        unit = source.units[item.unit]
+        item, unit, source, subset = what
         return item_rows(item, unit.offset, subset, read_unit(unit, source, storage, policy), rows_per_block)
 
     block = []
