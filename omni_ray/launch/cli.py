@@ -6,7 +6,7 @@
     omni-ray validate --list-archs | --schema       supported architectures; the config's JSON schema
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
-    omni-ray data check PREFIX --config CONFIG     run the real preprocessing, report rejects
+    omni-ray data check [PREFIX] --config CONFIG   run the real preprocessing, report rejects (per source)
     omni-ray export CHECKPOINT --out DIR [--adapter]  merged HF model dir, or a PEFT adapter
     omni-ray report RUN [--json]                    config, freeze plan, checkpoints, metrics, where the plots are
 
@@ -105,7 +105,8 @@ def cmd_data_check(args) -> int:
     from omni_ray.data.check import check, format_report
 
     cfg = _config(args)
-    report = check(args.prefix, cfg.data, cfg.model, cfg.storage)
+    # No PREFIX: the config's data.train (a mixture is checked source by source).
+    report = check(args.prefix or cfg.data.train, cfg.data, cfg.model, cfg.storage, seed=cfg.train.seed)
     print(format_report(report))
     return 0 if report["bad_fraction"] <= cfg.data.max_bad_fraction else 1
 
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="S3-compatible endpoint (MinIO, moto); default $AWS_ENDPOINT_URL")
     prep.set_defaults(fn=cmd_data_prepare)
     chk = data.add_parser("check", help="run the model's preprocessing over prepared shards and report")
-    chk.add_argument("prefix", help="prepared shard prefix (local or s3://) or a JSON/JSONL file")
+    chk.add_argument("prefix", nargs="?", help="prepared shard prefix (local or s3://) or a JSON/JSONL file; "
+                     "default: the config's data.train (a mixture: every source, counted per source)")
     chk.add_argument("--config", required=True, help="the training config (model, data.model_max_length, ...)")
     chk.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     chk.set_defaults(fn=cmd_data_check)

@@ -91,3 +91,23 @@ def test_mixture_resumes_exactly_after_a_killed_worker_onto_one_worker(ray_local
     assert all("samples_by_source" in r for r in history)
     text = format_report(build_report(run_dir))
     assert "samples by source: a " in text
+
+
+def test_data_check_counts_and_rejects_per_source(ray_local, tiny_minicpmv, mixture, tmp_path, capsys):
+    from omni_ray.launch.cli import main
+
+    first = json.loads(open(mixture[0]["path"]).readline())
+    bad = os.path.join(os.path.dirname(mixture[0]["path"]), "mix-bad.jsonl")
+    with open(bad, "w") as f:  # 3 records: one names an image that does not exist
+        for i, image in enumerate([first["image"], "images/nope.png", first["image"]]):
+            f.write(json.dumps({**first, "id": f"bad-{i}", "image": image}) + "\n")
+    config = tmp_path / "check.yaml"
+    config.write_text(json.dumps({"model": {"path": str(tiny_minicpmv)},
+                                  "data": {"train": [*mixture, {"path": bad, "weight": 1, "name": "third"}],
+                                           "model_max_length": 64, "max_bad_fraction": 0.5}}))
+    assert main(["data", "check", "--config", str(config)]) == 0  # no PREFIX: the config's mixture
+    out = capsys.readouterr().out
+    # Every row of every source once (not the plan's draw), counted per source by name.
+    assert f"samples {A_ROWS + B_ROWS + 3}: ok {A_ROWS + B_ROWS + 2}, rejected 1" in out
+    assert f"source a (1 unit(s)): {A_ROWS} samples, ok {A_ROWS}, rejected 0" in out
+    assert "source third (1 unit(s)): 3 samples, ok 2, rejected 1 (missing_image 1)" in out
