@@ -1,6 +1,6 @@
 """Training input on Ray Data: read, preprocess on CPU workers, stream to the trainers.
 
-    source (prepared Parquet shards on S3/local, or JSON/JSONL files streamed by one read task)
+    source (any form of omni_ray.data.sources: one read task per unit, streamed in order)
       -> map_batches(Preprocess)   decode images, chat template, processor, labels (CPU actors)
       -> streaming_split by Ray Train to the training workers
 
@@ -12,6 +12,7 @@ and stops past ``data.max_bad_fraction``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -23,11 +24,12 @@ from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
-from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_sources
+from omni_ray.data.reader import ROW_COLUMNS, InputPolicy
+from omni_ray.data.sources import Source, Unit, count_units, read_unit, resolve_entry
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
-OUTPUT_COLUMNS = ("row", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
+OUTPUT_COLUMNS = ("row", "source", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
 
 
 class Preprocess:
@@ -64,7 +66,7 @@ class Preprocess:
         return images, videos, tools or None
 
     def process_row(self, row: dict) -> dict:
-        out = {"row": int(row.get("row", -1)), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
+        out = {"row": int(row.get("row", -1)), "source": int(row.get("source") or 0), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
                "num_images": 0, "num_image_tokens": 0, "dropped_rounds": 0}
         if row.get("reason"):
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}
@@ -104,6 +106,8 @@ def _item(value):
 
 def json_rows(uri: str, storage: StorageConfig | None, policy: Optional[InputPolicy] = None):
     """Normalized rows of one JSON/JSONL file, streamed (image files are read later, by workers)."""
+    from omni_ray.data.reader import iter_rows
+
     return iter_rows([uri], storage, policy)
 
 
@@ -117,86 +121,74 @@ def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
     return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
 
 
-class JsonRowsDatasource(Datasource):
-    """Annotation files into Ray Data: one read task streams rows in blocks of ``rows_per_block``.
+class UnitsDatasource(Datasource):
+    """A counted :class:`~omni_ray.data.sources.Source` into Ray Data: one read task per unit.
 
-    One task reads the files in order, so ``row`` stays global without a counting pass, and
-    it holds one block of text (no images) at a time; neither the driver nor the object
-    store ever holds the dataset at once. Images are read after it, by ``Preprocess``.
+    Each task streams its unit's rows (:func:`unit_blocks`) in blocks of ``rows_per_block``,
+    holding one block of text (and, for hub Parquet and tars, that block's embedded images) at
+    a time; neither the driver nor the object store ever holds the dataset at once. With
+    ``preserve_order`` (build_dataset) the tasks' blocks arrive in unit order, so the row order
+    is the source's, the same every run.
     """
 
-    def __init__(self, files: list[str], storage: Optional[StorageConfig], policy: InputPolicy,
+    def __init__(self, source: Source, storage: Optional[StorageConfig], policy: InputPolicy,
                  rows_per_block: int = 256):
-        self.files, self.storage, self.policy, self.rows_per_block = files, storage, policy, rows_per_block
+        self.source, self.storage, self.policy, self.rows_per_block = source, storage, policy, rows_per_block
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
 
     def get_name(self) -> str:
-        return "OmniRayJsonRows"
+        return "OmniRaySource"
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context=None):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        files, storage, policy, n = self.files, self.storage, self.policy, self.rows_per_block
+        tasks = []
+        for unit in self.source.units:
+            meta = BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None, input_files=(unit.uri,))
+            read_fn = functools.partial(unit_blocks, unit, self.source, self.storage, self.policy, self.rows_per_block)
+            tasks.append(ReadTask(read_fn, meta, schema=ROW_COLUMNS))
+        return tasks
 
-        def read_fn():
+
+def unit_blocks(unit: Unit, source: Source, storage: Optional[StorageConfig], policy: InputPolicy,
+                rows_per_block: int = 256):
+    """One read task's body: the rows of ``unit`` as Arrow tables of at most ``rows_per_block`` rows."""
+    block = []
+    for row in read_unit(unit, source, storage, policy):
+        block.append(row)
+        if len(block) == rows_per_block:
+            yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
             block = []
-            for row in iter_rows(files, storage, policy):
-                block.append(row)
-                if len(block) == n:
-                    yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-                    block = []
-            if block:
-                yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-
-        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(files))
-        return [ReadTask(read_fn, meta, schema=ROW_COLUMNS)]
+    if block:
+        yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
 
 
-def _with_rows(batch: pa.Table, first_rows: dict) -> pa.Table:
-    """Prepared shards: ``row`` = the shard's first row (manifest, in shard order) + the row in it."""
-    shards = batch.column("shard").to_numpy()
-    offsets = np.asarray([first_rows[int(s)] for s in shards], dtype=np.int64)
-    rows = offsets + batch.column("shard_row").to_numpy().astype(np.int64)
-    return batch.append_column("row", pa.array(rows, pa.int64()))
+def counted_source(source, data: DataConfig, storage: StorageConfig | None) -> Source:
+    """``source`` (a data.train value, or a Source) resolved and counted."""
+    if not isinstance(source, Source):
+        columns = data.columns.model_dump() if data.columns is not None else None
+        source = resolve_entry(source, storage, columns=columns)
+    if any(u.offset is None for u in source.units):
+        source = count_units(source, storage, InputPolicy.from_data(data))
+    return source
 
 
-def read_source(source: str | list[str], data: DataConfig, storage: StorageConfig | None):
-    """The unprocessed rows of ``source`` as a Ray Dataset, each with its ``row`` position."""
+def read_source(source, data: DataConfig, storage: StorageConfig | None):
+    """The unprocessed rows of ``source`` (any form) as a Ray Dataset, each with its ``row`` position."""
     import ray.data
 
-    from omni_ray import storage as st
-
-    kind, uris = resolve_sources(source, storage)
+    source = counted_source(source, data, storage)
     env = {"env_vars": storage.worker_env()} if storage else None
-    if kind == "json":
-        return ray.data.read_datasource(JsonRowsDatasource(uris, storage, InputPolicy.from_data(data)),
-                                        runtime_env=env)
-    from omni_ray.data.prepare import read_manifest, shard_uris
-
-    manifest = read_manifest(uris[0], storage)
-    fs, _ = st.resolve(uris[0], storage)
-    paths = [st.resolve(u, storage)[1] for u in shard_uris(uris[0], manifest)]
-    first_rows = {s["shard"]: s["first_row"] for s in manifest["shards"]}
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools",
-                                                              "shard", "shard_row"], runtime_env=env)
-    return ds.map_batches(_with_rows, fn_kwargs={"first_rows": first_rows}, batch_format="pyarrow", runtime_env=env)
+    return ray.data.read_datasource(UnitsDatasource(source, storage, InputPolicy.from_data(data)), runtime_env=env)
 
 
-def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig | None) -> int:
-    """Rows in one epoch of ``source``: a prepared manifest's accepted count, or the JSON files'
-    records (one streaming pass; rejected records count, they flow through as rows)."""
-    from omni_ray.data.reader import iter_records
-
-    kind, uris = resolve_sources(source, storage)
-    if kind == "prepared":
-        from omni_ray.data.prepare import read_manifest
-
-        return int(read_manifest(uris[0], storage)["counts"]["accepted"])
-    policy = InputPolicy.from_data(data)
-    return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
+def count_rows(source, data: DataConfig, storage: StorageConfig | None) -> int:
+    """Rows in one epoch of ``source``: every record of every unit (rejected ones flow through as rows);
+    a prepared prefix's accepted count."""
+    return counted_source(source, data, storage).rows
 
 
 def _actor_pool(bounds: int | tuple[int, int]):
@@ -207,9 +199,9 @@ def _actor_pool(bounds: int | tuple[int, int]):
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
 
 
-def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
+def build_dataset(source, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
                   *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
+    """A Ray Dataset of processed rows for ``source`` (a data.train value, or a counted Source).
 
     ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
     """

@@ -204,7 +204,7 @@ def train(cfg: Config, verbose: bool = False):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from omni_ray.data.pipeline import build_dataset, count_rows
+    from omni_ray.data.pipeline import build_dataset, counted_source
     from omni_ray.observe.console import quiet_driver, ray_logging_config
     from omni_ray.observe.watch import RunWatcher
     from omni_ray.train.loop import train_loop_per_worker
@@ -216,8 +216,9 @@ def train(cfg: Config, verbose: bool = False):
     log_memory_estimate(cfg, checked)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     asked = wait_for_gpus(cfg.scaling)
-    num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
-    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
+    source = counted_source(cfg.data.train, cfg.data, cfg.storage)  # resolved and counted once, here
+    num_rows = source.rows
+    dataset = build_dataset(source, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
