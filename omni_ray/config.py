@@ -174,18 +174,35 @@ class LoraConfig(Section):
 
 # Annotation files we read; anything else named as data.train is a mistake we can name early.
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
-_OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".arrow", ".xlsx", ".yaml", ".yml", ".zip", ".tar", ".gz")
+_OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".yaml", ".yml", ".zip")
+#: What data.train accepts, for the errors that name it (omni_ray.data.sources reads each).
+DATA_FORMS_HELP = ("a .json file (a list of records), .jsonl (one record per line), hub .parquet, WebDataset "
+                   ".tar shards, a folder, s3:// prefix or glob of those, or a prepared prefix (manifest.json)")
 
 
 def _check_source(value: str) -> str:
+    """Cheap checks on one data.train path; existence, form and layout are omni_ray.data.sources'."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty path, s3:// URI or prefix")
     if value.lower().endswith(_OTHER_DATA_SUFFIXES):
-        raise ValueError(
-            f"{value!r} is not an annotation file omni_ray reads; give .json (a list of records), .jsonl "
-            "(one record per line), a folder or s3:// prefix of them, or a prepared prefix (manifest.json)"
-        )
+        raise ValueError(f"{value!r} is not a data form omni_ray reads; give {DATA_FORMS_HELP}")
     return value
+
+
+class ColumnsConfig(Section):
+    """Which Parquet columns hold a layout no preset knows (see README, Data forms)."""
+
+    conversation: str = Field(description="Column holding the list of turns (each a struct/object).")
+    images: str | None = Field(
+        None, description="Column holding the image(s): {bytes, path} structs, a list of them, or paths. "
+        "Default: the datasets Image() columns found in the file's schema."
+    )
+    id: str | None = Field(None, description="Column holding the sample id (reports only).")
+    role_key: str = Field("role", description="Key of a turn's role.")
+    content_key: str = Field("content", description="Key of a turn's text.")
+    user: str = Field("user", description="The role name of user turns in this file.")
+    assistant: str = Field("assistant", description="The role name of assistant turns in this file.")
+    system: str = Field("system", description="The role name of system turns in this file.")
 
 
 _SHORTHAND = re.compile(r"(.+)#([0-9]+)")  # ms-swift's `path#N`: N samples of path per epoch
@@ -199,7 +216,7 @@ class SourceEntry(Section):
     weight: float | None = Field(None, description="Relative sampling ratio among the weighted sources (default 1).")
     samples: int | None = Field(None, description="Rows of this source per epoch, repeated or subsampled to fit.")
     name: str | None = Field(None, description="What reports call the source; default: its path.")
-    columns: dict[str, Any] | None = Field(None, description="data.columns for this source only.")
+    columns: ColumnsConfig | None = Field(None, description="data.columns for this source only.")
 
     def label(self) -> str:
         return self.name or (self.path if isinstance(self.path, str) else " + ".join(self.path))
@@ -268,11 +285,15 @@ def parse_train(value: Any) -> Any:
 
 class DataConfig(Section):
     train: str | list[str] | list[SourceEntry] = Field(
-        description="Prepared shard prefix (manifest.json), or JSON/JSONL annotation files / folders of them "
-        "(a list is read in order, as one dataset); or a mixture: a list of {path, weight} / {path, samples} "
-        "entries or `path#N` (see README, Mixtures)."
+        description="Prepared shard prefix (manifest.json), JSON/JSONL annotation files, hub Parquet or WebDataset "
+        ".tar shards, each a file, folder, s3:// prefix or glob (a list is read in order, as one dataset); or a "
+        "mixture: a list of {path, weight} / {path, samples} entries or `path#N` (see README, Mixtures)."
     )
     eval: str | None = None
+    columns: ColumnsConfig | None = Field(
+        None, description="Hub Parquet in a layout no preset recognises: which columns hold the conversation and "
+        "images, and the role/content keys and role names (see README, Data forms)."
+    )
     model_max_length: int = Field(2048, ge=16, description="Tokens per sample, image tokens included.")
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Stop when more than this fraction of samples is rejected."

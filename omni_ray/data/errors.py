@@ -52,6 +52,9 @@ REASONS: tuple[str, ...] = (
     "tools_unsupported",  # the sample has tools but the model's chat template does not render them
     "missing_video",  # the file or object a video reference names does not exist
     "corrupt_video",  # the bytes are not a video the decoder can read, or it has no frames
+    # WebDataset tar shards (omni_ray.data.tars)
+    "truncated_shard",  # the tar (or its gzip stream) ends early: the sample being read, or the lost tail
+    "corrupt_member",  # a damaged tar header (the members after it are lost) or a key repeated in a shard
 )
 
 
@@ -95,5 +98,10 @@ class DataSourceError(ConfigError):
     """
 
     def __init__(self, path: str, problem: str, key: str = "data.train") -> None:
-        self.path = path
+        self.path, self.problem, self.key = path, problem, key
         super().__init__(f"{key}: {path}: {problem}")
+
+    def __reduce__(self):
+        # Ray pickles a read task's error back to the driver; without this it arrives as
+        # UnserializableException and the CLI shows tracebacks instead of this one line.
+        return (type(self), (self.path, self.problem, self.key))

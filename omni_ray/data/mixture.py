@@ -297,21 +297,18 @@ def _resolved(data, storage) -> list:
 
     mixture, out = data.is_mixture(), []
     for i, entry in enumerate(data.entries()):
-        columns = entry.columns if entry.columns is not None else _columns(data)
+        columns = entry.columns if entry.columns is not None else data.columns  # per source, else data.columns
+        columns = columns.model_dump() if columns is not None else None
         source = resolve_entry(entry.path, storage, f"data.train[{i}]" if mixture else "data.train", columns=columns)
         out.append(replace(source, name=entry.label(), weight=entry.weight, samples=entry.samples) if mixture
                    else source)
     return out
 
 
-def _columns(data) -> Optional[dict]:
-    columns = getattr(data, "columns", None)
-    return columns.model_dump() if hasattr(columns, "model_dump") else columns
-
-
-def check_sources(data, storage=None) -> None:
-    """What ``omni-ray validate`` checks of ``data.train``: every source exists and is in a known form."""
-    _resolved(data, storage)
+def check_sources(data, storage=None) -> list:
+    """What ``omni-ray validate`` checks of ``data.train``: every source exists and is in a known form
+    (each mixture entry named by its index on error). Returns the sources, uncounted."""
+    return _resolved(data, storage)
 
 
 def plan_data(data, storage=None, seed: int = 0) -> Plan:

@@ -1,6 +1,6 @@
 """Training input on Ray Data: read, preprocess on CPU workers, stream to the trainers.
 
-    source (prepared Parquet shards on S3/local, or JSON/JSONL files streamed by one read task)
+    source (any form of omni_ray.data.sources: one read task per unit, streamed in order)
       -> map_batches(Preprocess)   decode images, chat template, processor, labels (CPU actors)
       -> streaming_split by Ray Train to the training workers
 
@@ -112,6 +112,8 @@ def _item(value):
 
 def json_rows(uri: str, storage: StorageConfig | None, policy: Optional[InputPolicy] = None):
     """Normalized rows of one JSON/JSONL file, streamed (image files are read later, by workers)."""
+    from omni_ray.data.reader import iter_rows
+
     return iter_rows([uri], storage, policy)
 
 

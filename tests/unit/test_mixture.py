@@ -177,7 +177,7 @@ def test_set_takes_entries_on_the_command_line():
     ([{"path": "a.jsonl", "wieght": 2}], r"\[0\] \(a.jsonl\): unknown key\(s\) \['wieght'\]; an entry takes path, weight"),
     ([{"weight": 2}], r"\[0\] \(None\): path must be a path"),
     (["a.jsonl", "a.jsonl#3"], r"both called 'a.jsonl'; give them distinct `name:`s"),
-    ([{"path": "a.csv", "weight": 1}], r"\[0\] \(a.csv\): 'a.csv' is not an annotation file"),
+    ([{"path": "a.csv", "weight": 1}], r"\[0\] \(a.csv\): 'a.csv' is not a data form omni_ray reads"),
 ])
 def test_bad_entries_name_the_entry_and_the_fix(train, message):
     from omni_ray.config import ConfigError
