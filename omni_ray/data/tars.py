@@ -69,6 +69,8 @@ class _Group:
             return DataError("malformed_conversation", f"{self.key}.json: not valid UTF-8 JSON ({err})"[:300])
         if not isinstance(record, dict):
             return DataError("malformed_conversation", f"{self.key}.json is a {type(record).__name__}, not a record")
+        if record.get("id") in (None, ""):
+            record["id"] = self.key  # reports name the sample by its key in the shard
         return _attach(record, self.key, self._images())
 
     def _images(self) -> list[tuple[str, Any]]:
