@@ -25,7 +25,7 @@ from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
 from omni_ray.data.mixture import Plan, item_rows, make_plan, merge, plan_data
-from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows
+from omni_ray.data.reader import ROW_COLUMNS, InputPolicy
 from omni_ray.data.sources import Source, count_units, read_unit
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
