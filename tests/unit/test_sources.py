@@ -285,3 +285,26 @@ def test_source_in_no_known_form_names_the_path_and_the_forms(tmp_path):
     (tmp_path / "d.bin").write_bytes(b"\0")
     with pytest.raises(DataSourceError, match=r"d.bin: not a data form omni_ray reads; give a .json file.*parquet"):
         resolve_entry(str(tmp_path / "d.bin"))
+
+
+def test_read_tasks_carry_embedded_images_as_arrow_blocks(tmp_path):
+    """The training read (one task per unit) over a tar and a Parquet file: Arrow blocks of ROW_COLUMNS."""
+    import datasets
+
+    from omni_ray.data.pipeline import UnitsDatasource
+    from omni_ray.data.reader import ROW_COLUMNS
+
+    red = png()
+    _shard(tmp_path / "a.tar", [{"__key__": f"k{i}", "png": red, "json": {"conversations": TURNS}} for i in range(3)])
+    _hf_parquet(tmp_path / "b.parquet", {"image": [{"bytes": red, "path": None}] * 2,
+                                         "conversations": [[{"from": "human", "value": "<image>q"},
+                                                            {"from": "gpt", "value": "a"}]] * 2},
+                {"image": datasets.Image()})
+    source = count_units(resolve_entry([str(tmp_path / "a.tar"), str(tmp_path / "b.parquet")]))
+    tasks = UnitsDatasource(source, None, InputPolicy(), rows_per_block=2).get_read_tasks(parallelism=1)
+    blocks = [[t for t in task()] for task in tasks]
+    assert [[t.num_rows for t in b] for b in blocks] == [[2, 1], [2]]
+    rows = [r for b in blocks for t in b for r in t.to_pylist()]
+    assert all(t.schema == ROW_COLUMNS for b in blocks for t in b)
+    assert [r["source_row"] for r in rows] == [0, 1, 2, 3, 4] and [r["id"] for r in rows[:3]] == ["k0", "k1", "k2"]
+    assert all(r["images"] == [red] and r["reason"] == "" for r in rows)
