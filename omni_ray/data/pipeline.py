@@ -163,9 +163,22 @@ class PlanDatasource(Datasource):
             uris = tuple(what[1].uri for source_reads in reads for what, _ in source_reads)
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=uris)
             read_fn = functools.partial(lane_blocks, reads, plan.seed, lane_no, self.storage, self.policy,
-                                        self.rows_per_block)
-            tasks.append(ReadTask(read_fn, meta, schema=PLANNED_COLUMNS))
+                                        self.rows_per_block, self.schema)
+            tasks.append(ReadTask(read_fn, meta, schema=self.schema))
         return tasks
+
+    @property
+    def schema(self) -> pa.Schema:
+        # row_from only where a subset can leave positions out: one source reads as it always did.
+        return PLANNED_COLUMNS if self.plan.mixture else ROW_COLUMNS
+
+
+class UnitsDatasource(PlanDatasource):
+    """One counted source read as it is: one read task per unit, in order (a plan of one source)."""
+
+    def __init__(self, source: Source, storage: Optional[StorageConfig], policy: InputPolicy,
+                 rows_per_block: int = 256):
+        super().__init__(make_plan([source], 0, mixture=False), storage, policy, rows_per_block)
 
 
 def _read_of(plan: Plan, item) -> tuple:
@@ -178,7 +191,7 @@ def _read_of(plan: Plan, item) -> tuple:
 
 
 def lane_blocks(reads: list, seed: int, lane_no: int, storage: Optional[StorageConfig], policy: InputPolicy,
-                rows_per_block: int = 256):
+                rows_per_block: int = 256, schema: pa.Schema = PLANNED_COLUMNS):
     """One read task's body: a lane's planned rows as Arrow tables of at most ``rows_per_block`` rows
     (``reads``: per source, ``(_read_of(...), expected rows)`` in order; see mixture.merge)."""
 
@@ -190,10 +203,10 @@ def lane_blocks(reads: list, seed: int, lane_no: int, storage: Optional[StorageC
     for row in merge(reads, read, seed, lane_no):
         block.append(row)
         if len(block) == rows_per_block:
-            yield pa.Table.from_pylist(block, schema=PLANNED_COLUMNS)
+            yield pa.Table.from_pylist(block, schema=schema)
             block = []
     if block:
-        yield pa.Table.from_pylist(block, schema=PLANNED_COLUMNS)
+        yield pa.Table.from_pylist(block, schema=schema)
 
 
 def as_plan(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> Plan:
