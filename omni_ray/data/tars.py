@@ -7,22 +7,26 @@ by N): when the JSON names them (``"image": "KEY.jpg"``, by member or file name)
 replaced by the bytes; when it has no ``image``/``images`` key they become its ``images``, and
 without placeholders they go before the first user turn (MiniCPM-V's binding).
 
-Why our own reader and not Ray Data's ``read_webdataset``: it is one read task per file with no
-per-row position (so no ``source_row`` for resume or mixtures), and a truncated shard raises out
-of the read task (``tarfile.ReadError: unexpected end of data``) and fails the dataset (checked
-with ray 2.x: tests/unit/test_sources.py keeps a script that shows it). Here the shard is read with
-``tarfile`` in stream mode (``r|*``: forward only, over the storage input stream, one member
-in memory at a time) and everything that can go wrong becomes a counted reject row:
+Why our own reader and not Ray Data's ``read_webdataset``: it gives a row no position in its
+shard (``source_row``, which resume and mixtures need), it decodes images itself (its default
+decoder turns a PNG into an array that Ray then fails to cast: ``ValueError: Tried to cast column
+png to the TensorArray tensor extension type``, seen with ray 2.60), and nothing in it turns a cut
+or damaged shard into a counted reject: an error fails the read task, and ``tarfile`` itself
+stops silently at a damaged header or at a cut between members, losing the rest uncounted.
+Here the shard is read with ``tarfile`` in stream mode (``r|*``: forward only, over the storage
+input stream, one member in memory at a time) and everything that can go wrong becomes a
+counted reject row:
 
 * a shard cut short (a partial upload, a killed writer) or a gzip stream that ends early ->
   one ``truncated_shard`` row (for the sample being read, or the lost tail);
 * a damaged header or garbage after the last good member (tarfile stops there silently; we
-  look at what is left) -> one ``corrupt_member`` row;
+  look at the block where it stopped: zeros are the end marker, nothing is a cut) -> one
+  ``corrupt_member`` row (a cut between members: ``truncated_shard``);
 * a key without ``.json`` -> ``missing_field``; a JSON member that does not parse ->
   ``malformed_conversation``; an image member over ``data.max_image_bytes`` -> ``image_too_large``
   (not read); a corrupt image -> ``corrupt_image`` when it is decoded, like any file.
 
-Counting a shard (:func:`count_samples`) runs the same iterator without parsing: one streaming
+Counting a shard (:func:`count_samples`) runs the same iterator without parsing JSON: one streaming
 pass that downloads the whole shard from S3 once (tar has no index; the member data must be
 read to reach the next header). Count and read therefore agree exactly, damaged shards included.
 """
