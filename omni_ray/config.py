@@ -174,26 +174,126 @@ class LoraConfig(Section):
 
 # Annotation files we read; anything else named as data.train is a mistake we can name early.
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
-_OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".arrow", ".xlsx", ".yaml", ".yml", ".zip", ".tar", ".gz")
+_OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".yaml", ".yml", ".zip")
+#: What data.train accepts, for the errors that name it (omni_ray.data.sources reads each).
+DATA_FORMS_HELP = ("a .json file (a list of records), .jsonl (one record per line), hub .parquet, WebDataset "
+                   ".tar shards, a folder, s3:// prefix or glob of those, or a prepared prefix (manifest.json)")
 
 
 def _check_source(value: str) -> str:
+    """Cheap checks on one data.train path; existence, form and layout are omni_ray.data.sources'."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty path, s3:// URI or prefix")
     if value.lower().endswith(_OTHER_DATA_SUFFIXES):
-        raise ValueError(
-            f"{value!r} is not an annotation file omni_ray reads; give .json (a list of records), .jsonl "
-            "(one record per line), a folder or s3:// prefix of them, or a prepared prefix (manifest.json)"
-        )
+        raise ValueError(f"{value!r} is not a data form omni_ray reads; give {DATA_FORMS_HELP}")
     return value
 
 
+class ColumnsConfig(Section):
+    """Which Parquet columns hold a layout no preset knows (see README, Data forms)."""
+
+    conversation: str = Field(description="Column holding the list of turns (each a struct/object).")
+    images: str | None = Field(
+        None, description="Column holding the image(s): {bytes, path} structs, a list of them, or paths. "
+        "Default: the datasets Image() columns found in the file's schema."
+    )
+    id: str | None = Field(None, description="Column holding the sample id (reports only).")
+    role_key: str = Field("role", description="Key of a turn's role.")
+    content_key: str = Field("content", description="Key of a turn's text.")
+    user: str = Field("user", description="The role name of user turns in this file.")
+    assistant: str = Field("assistant", description="The role name of assistant turns in this file.")
+    system: str = Field("system", description="The role name of system turns in this file.")
+
+
+_SHORTHAND = re.compile(r"(.+)#([0-9]+)")  # ms-swift's `path#N`: N samples of path per epoch
+_ENTRY_KEYS = ("path", "weight", "samples", "name", "columns")
+
+
+class SourceEntry(Section):
+    """One source of a ``data.train`` mixture (see ``omni_ray.data.mixture`` for the exact meaning)."""
+
+    path: str | list[str] = Field(description="The source: any form data.train takes (a list: one source read in order).")
+    weight: float | None = Field(None, description="Relative sampling ratio among the weighted sources (default 1).")
+    samples: int | None = Field(None, description="Rows of this source per epoch, repeated or subsampled to fit.")
+    name: str | None = Field(None, description="What reports call the source; default: its path.")
+    columns: ColumnsConfig | None = Field(None, description="data.columns for this source only.")
+
+    def label(self) -> str:
+        return self.name or (self.path if isinstance(self.path, str) else " + ".join(self.path))
+
+
+def _entry(item: Any, index: int) -> SourceEntry:
+    """One mixture item as a SourceEntry; every mistake names the entry by index and path."""
+    if isinstance(item, str):
+        item = {"path": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"[{index}]: {item!r} is not a path or a {{path: ..., weight: ...}} entry; write a path, "
+                         "`{path: P, weight: W}` or `{path: P, samples: N}`")
+    where = f"[{index}] ({item.get('path')})"
+    unknown = sorted(set(item) - set(_ENTRY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; an entry takes {', '.join(_ENTRY_KEYS)}")
+    path = item.get("path")
+    if isinstance(path, str) and (match := _SHORTHAND.fullmatch(path.strip())):
+        if "samples" in item or "weight" in item:
+            raise ValueError(f"{where}: `path#N` already gives samples; drop the #N or the samples/weight key")
+        item = {**item, "path": match.group(1), "samples": int(match.group(2))}
+    paths = path if isinstance(path, list) else [item.get("path")]
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{where}: path must be a path or a list of paths; add `path: ...` to the entry")
+    for p in paths:
+        try:
+            _check_source(p)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    weight, samples = item.get("weight"), item.get("samples")
+    if weight is not None and samples is not None:
+        raise ValueError(f"{where}: both weight and samples; give one (weight: a ratio among weighted sources, "
+                         "samples: rows per epoch)")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                               or not math.isfinite(weight) or weight <= 0):
+        raise ValueError(f"{where}: weight must be a number > 0, got {weight!r}; give a ratio such as 1 or 2, or "
+                         "remove the entry")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+        raise ValueError(f"{where}: samples must be a whole number > 0, got {samples!r}; give rows per epoch, or "
+                         "remove the entry")
+    return SourceEntry.model_validate({**item, "weight": None if weight is None else float(weight)})
+
+
+def parse_train(value: Any) -> Any:
+    """``data.train`` as given -> a path, a plain list of paths (one dataset), or mixture entries.
+
+    A list is a mixture as soon as one item is an entry (a mapping) or ``path#N``; its plain
+    path items are then sources of weight 1. A single entry or ``path#N`` is a mixture of one.
+    """
+    if isinstance(value, SourceEntry) or (isinstance(value, list) and any(isinstance(v, SourceEntry) for v in value)):
+        return value
+    if isinstance(value, dict) or (isinstance(value, str) and _SHORTHAND.fullmatch(value.strip())):
+        value = [value]
+    if not isinstance(value, list):
+        return value
+    if not any(isinstance(v, dict) or (isinstance(v, str) and _SHORTHAND.fullmatch(v.strip())) for v in value):
+        return value
+    entries = [_entry(item, i) for i, item in enumerate(value)]
+    names = [e.label() for e in entries]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two entries are both called {twice[0]!r}; give them distinct `name:`s (reports count "
+                         "samples per source by name)")
+    return entries
+
+
 class DataConfig(Section):
-    train: str | list[str] = Field(
-        description="Prepared shard prefix (manifest.json), or JSON/JSONL annotation files / folders of them "
-        "(a list is read in order, as one dataset)."
+    train: str | list[str] | list[SourceEntry] = Field(
+        description="Prepared shard prefix (manifest.json), JSON/JSONL annotation files, hub Parquet or WebDataset "
+        ".tar shards, each a file, folder, s3:// prefix or glob (a list is read in order, as one dataset); or a "
+        "mixture: a list of {path, weight} / {path, samples} entries or `path#N` (see README, Mixtures)."
     )
     eval: str | None = None
+    columns: ColumnsConfig | None = Field(
+        None, description="Hub Parquet in a layout no preset recognises: which columns hold the conversation and "
+        "images, and the role/content keys and role names (see README, Data forms)."
+    )
     model_max_length: int = Field(2048, ge=16, description="Tokens per sample, image tokens included.")
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Stop when more than this fraction of samples is rejected."
@@ -261,18 +361,32 @@ class DataConfig(Section):
         """Tokens per packed row when packing, else None."""
         return (self.pack_tokens or self.model_max_length) if self.packing else None
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _mixture_entries(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list; give at least one annotation file or a prepared prefix")
+        return parse_train(value)
+
     @field_validator("train")
     @classmethod
-    def _known_sources(cls, value: str | list[str]) -> str | list[str]:
+    def _known_sources(cls, value: Any) -> Any:
         if isinstance(value, list):
-            if not value:
-                raise ValueError("an empty list; give at least one annotation file or a prepared prefix")
-            return [_check_source(v) for v in value]
+            return [v if isinstance(v, SourceEntry) else _check_source(v) for v in value]
         return _check_source(value)
 
     def sources(self) -> list[str]:
-        """``train`` as a list (one entry when it is a string)."""
+        """``train`` as a list of paths (one entry when it is a string; every entry's paths for a mixture)."""
+        if self.is_mixture():
+            return [p for e in self.train for p in ([e.path] if isinstance(e.path, str) else e.path)]
         return list(self.train) if isinstance(self.train, list) else [self.train]
+
+    def is_mixture(self) -> bool:
+        return isinstance(self.train, list) and any(isinstance(v, SourceEntry) for v in self.train)
+
+    def entries(self) -> list[SourceEntry]:
+        """The sources of the epoch: the mixture's entries, or the one plain source (a path or a list of them)."""
+        return list(self.train) if self.is_mixture() else [SourceEntry(path=self.train)]
 
 
 class TrainConfig(Section):

@@ -55,6 +55,9 @@ REASONS: tuple[str, ...] = (
     # preference pairs (omni_ray.data.pairs, train.objective: dpo)
     "missing_response",  # a pair without its chosen or rejected answer (or a record that is not a pair)
     "identical_responses",  # chosen and rejected are the same text: no preference to learn
+    # WebDataset tar shards (omni_ray.data.tars)
+    "truncated_shard",  # the tar (or its gzip stream) ends early: the sample being read, or the lost tail
+    "corrupt_member",  # a damaged tar header (the members after it are lost) or a key repeated in a shard
 )
 
 
@@ -98,5 +101,10 @@ class DataSourceError(ConfigError):
     """
 
     def __init__(self, path: str, problem: str, key: str = "data.train") -> None:
-        self.path = path
+        self.path, self.problem, self.key = path, problem, key
         super().__init__(f"{key}: {path}: {problem}")
+
+    def __reduce__(self):
+        # Ray pickles a read task's error back to the driver; without this it arrives as
+        # UnserializableException and the CLI shows tracebacks instead of this one line.
+        return (type(self), (self.path, self.problem, self.key))

@@ -1,6 +1,6 @@
 """Training input on Ray Data: read, preprocess on CPU workers, stream to the trainers.
 
-    source (prepared Parquet shards on S3/local, or JSON/JSONL files streamed by one read task)
+    source (any form of omni_ray.data.sources: one read task per unit, streamed in order)
       -> map_batches(Preprocess)   decode images, chat template, processor, labels (CPU actors)
       -> streaming_split by Ray Train to the training workers
 
@@ -12,6 +12,7 @@ and stops past ``data.max_bad_fraction``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -23,11 +24,16 @@ from omni_ray.config import DataConfig, ModelConfig
 from omni_ray.data.conversation import SampleProcessor, encode
 from omni_ray.data.errors import DataError
 from omni_ray.data.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image, load_image
-from omni_ray.data.reader import ROW_COLUMNS, InputPolicy, iter_rows, resolve_sources
+from omni_ray.data.mixture import Plan, item_rows, make_plan, merge, plan_data
+from omni_ray.data.reader import ROW_COLUMNS, InputPolicy
+from omni_ray.data.sources import Source, count_units, read_unit
 from omni_ray.data.video import decode_video, load_video
 from omni_ray.storage import StorageConfig
 
-OUTPUT_COLUMNS = ("row", "id", "sample", "reason", "detail", "num_tokens", "num_images", "num_image_tokens", "dropped_rounds")
+# row: the position the data position records; row_from: the first position it covers (a mixture's
+# subset leaves some out, see data.mixture); source: the data.train entry it came from.
+OUTPUT_COLUMNS = ("row", "row_from", "source", "id", "sample", "reason", "detail", "num_tokens", "num_images",
+                  "num_image_tokens", "dropped_rounds")
 
 
 class Preprocess:
@@ -64,7 +70,9 @@ class Preprocess:
         return images, videos, tools or None
 
     def process_row(self, row: dict) -> dict:
-        out = {"row": int(row.get("row", -1)), "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
+        position = int(row.get("row", -1))
+        out = {"row": position, "row_from": int(row.get("row_from", position)), "source": int(row.get("source") or 0),
+               "id": str(row["id"]), "sample": b"", "reason": "", "detail": "", "num_tokens": 0,
                "num_images": 0, "num_image_tokens": 0, "dropped_rounds": 0}
         if row.get("reason"):
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}
@@ -104,6 +112,8 @@ def _item(value):
 
 def json_rows(uri: str, storage: StorageConfig | None, policy: Optional[InputPolicy] = None):
     """Normalized rows of one JSON/JSONL file, streamed (image files are read later, by workers)."""
+    from omni_ray.data.reader import iter_rows
+
     return iter_rows([uri], storage, policy)
 
 
@@ -117,86 +127,116 @@ def preprocess_pool(data: DataConfig, num_workers: int) -> tuple[int, int]:
     return low, max(low, round(num_workers * data.preprocess_max_actors_per_worker))
 
 
-class JsonRowsDatasource(Datasource):
-    """Annotation files into Ray Data: one read task streams rows in blocks of ``rows_per_block``.
+#: What a read task yields: ROW_COLUMNS and ``row_from``, the first position a row covers
+#: (a mixture's subset leaves positions out; see omni_ray.data.mixture).
+PLANNED_COLUMNS = ROW_COLUMNS.append(pa.field("row_from", pa.int64()))
 
-    One task reads the files in order, so ``row`` stays global without a counting pass, and
-    it holds one block of text (no images) at a time; neither the driver nor the object
-    store ever holds the dataset at once. Images are read after it, by ``Preprocess``.
+
+class PlanDatasource(Datasource):
+    """A plan over counted sources into Ray Data: one read task per lane of the plan.
+
+    Without a mixture a lane is one unit of the source (a file, a tar shard, a prepared shard),
+    read in order; with one, a lane holds a stretch of every source's reads (unit x copy) and
+    interleaves their rows (data.mixture). A task streams its rows, keeps those the plan trains
+    and gives each its position, in blocks of ``rows_per_block``, holding one block of text (and,
+    for hub Parquet and tars, that block's embedded images) at a time; neither the driver nor
+    the object store ever holds the dataset at once. With ``preserve_order`` (build_dataset) the
+    tasks' blocks arrive in the plan's order, the same every run.
     """
 
-    def __init__(self, files: list[str], storage: Optional[StorageConfig], policy: InputPolicy,
-                 rows_per_block: int = 256):
-        self.files, self.storage, self.policy, self.rows_per_block = files, storage, policy, rows_per_block
+    def __init__(self, plan: Plan, storage: Optional[StorageConfig], policy: InputPolicy, rows_per_block: int = 256):
+        self.plan, self.storage, self.policy, self.rows_per_block = plan, storage, policy, rows_per_block
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
 
     def get_name(self) -> str:
-        return "OmniRayJsonRows"
+        return "OmniRayPlan"
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context=None):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        files, storage, policy, n = self.files, self.storage, self.policy, self.rows_per_block
+        plan, tasks = self.plan, []
+        for lane_no, lane in enumerate(plan.lanes()):
+            reads = [[(_read_of(plan, item), rows) for item, rows in source_reads] for source_reads in lane]
+            uris = tuple(what[1].uri for source_reads in reads for what, _ in source_reads)
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=uris)
+            read_fn = functools.partial(lane_blocks, reads, plan.seed, lane_no, self.storage, self.policy,
+                                        self.rows_per_block, self.schema)
+            tasks.append(ReadTask(read_fn, meta, schema=self.schema))
+        return tasks
 
-        def read_fn():
+    @property
+    def schema(self) -> pa.Schema:
+        # row_from only where a subset can leave positions out: one source reads as it always did.
+        return PLANNED_COLUMNS if self.plan.mixture else ROW_COLUMNS
+
+
+class UnitsDatasource(PlanDatasource):
+    """One counted source read as it is: one read task per unit, in order (a plan of one source)."""
+
+    def __init__(self, source: Source, storage: Optional[StorageConfig], policy: InputPolicy,
+                 rows_per_block: int = 256):
+        super().__init__(make_plan([source], 0, mixture=False), storage, policy, rows_per_block)
+
+
+def _read_of(plan: Plan, item) -> tuple:
+    """What one read needs in its task: the item, its unit, its source holding that unit alone (a
+    source of 100k shards is not shipped to every task; ``source_file`` is then 0, which nothing
+    after the reader uses) and the source's subset for a partial copy."""
+    source = plan.sources[item.source]
+    unit = source.units[item.unit]
+    return item, unit, source.with_units((unit,)), plan.subset(item.source) if item.partial else None
+
+
+def lane_blocks(reads: list, seed: int, lane_no: int, storage: Optional[StorageConfig], policy: InputPolicy,
+                rows_per_block: int = 256, schema: pa.Schema = PLANNED_COLUMNS):
+    """One read task's body: a lane's planned rows as Arrow tables of at most ``rows_per_block`` rows
+    (``reads``: per source, ``(_read_of(...), expected rows)`` in order; see mixture.merge)."""
+
+    def read(what):
+        item, unit, source, subset = what
+        return item_rows(item, unit.offset, subset, read_unit(unit, source, storage, policy), rows_per_block)
+
+    block = []
+    for row in merge(reads, read, seed, lane_no):
+        block.append(row)
+        if len(block) == rows_per_block:
+            yield pa.Table.from_pylist(block, schema=schema)
             block = []
-            for row in iter_rows(files, storage, policy):
-                block.append(row)
-                if len(block) == n:
-                    yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-                    block = []
-            if block:
-                yield pa.Table.from_pylist(block, schema=ROW_COLUMNS)
-
-        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(files))
-        return [ReadTask(read_fn, meta, schema=ROW_COLUMNS)]
+    if block:
+        yield pa.Table.from_pylist(block, schema=schema)
 
 
-def _with_rows(batch: pa.Table, first_rows: dict) -> pa.Table:
-    """Prepared shards: ``row`` = the shard's first row (manifest, in shard order) + the row in it."""
-    shards = batch.column("shard").to_numpy()
-    offsets = np.asarray([first_rows[int(s)] for s in shards], dtype=np.int64)
-    rows = offsets + batch.column("shard_row").to_numpy().astype(np.int64)
-    return batch.append_column("row", pa.array(rows, pa.int64()))
+def as_plan(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> Plan:
+    """``source`` as a plan: a Plan as it is; a Source counted, read as it is; a data.train value
+    (a path, a list, mixture entries) resolved, counted and planned with ``seed``."""
+    if isinstance(source, Plan):
+        return source
+    if isinstance(source, Source):
+        if any(u.offset is None for u in source.units):
+            source = count_units(source, storage, InputPolicy.from_data(data))
+        return make_plan([source], seed, mixture=False)
+    if source is not data.train:
+        data = data.model_copy()
+        data.train = source  # validated on assignment: mixture entries parsed
+    return plan_data(data, storage, seed)
 
 
-def read_source(source: str | list[str], data: DataConfig, storage: StorageConfig | None):
-    """The unprocessed rows of ``source`` as a Ray Dataset, each with its ``row`` position."""
+def read_source(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0):
+    """The unprocessed rows of ``source`` (see :func:`as_plan`) as a Ray Dataset, each with its ``row`` position."""
     import ray.data
 
-    from omni_ray import storage as st
-
-    kind, uris = resolve_sources(source, storage)
     env = {"env_vars": storage.worker_env()} if storage else None
-    if kind == "json":
-        return ray.data.read_datasource(JsonRowsDatasource(uris, storage, InputPolicy.from_data(data)),
-                                        runtime_env=env)
-    from omni_ray.data.prepare import read_manifest, shard_uris
-
-    manifest = read_manifest(uris[0], storage)
-    fs, _ = st.resolve(uris[0], storage)
-    paths = [st.resolve(u, storage)[1] for u in shard_uris(uris[0], manifest)]
-    first_rows = {s["shard"]: s["first_row"] for s in manifest["shards"]}
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools",
-                                                              "shard", "shard_row"], runtime_env=env)
-    return ds.map_batches(_with_rows, fn_kwargs={"first_rows": first_rows}, batch_format="pyarrow", runtime_env=env)
+    plan = as_plan(source, data, storage, seed)
+    return ray.data.read_datasource(PlanDatasource(plan, storage, InputPolicy.from_data(data)), runtime_env=env)
 
 
-def count_rows(source: str | list[str], data: DataConfig, storage: StorageConfig | None) -> int:
-    """Rows in one epoch of ``source``: a prepared manifest's accepted count, or the JSON files'
-    records (one streaming pass; rejected records count, they flow through as rows)."""
-    from omni_ray.data.reader import iter_records
-
-    kind, uris = resolve_sources(source, storage)
-    if kind == "prepared":
-        from omni_ray.data.prepare import read_manifest
-
-        return int(read_manifest(uris[0], storage)["counts"]["accepted"])
-    policy = InputPolicy.from_data(data)
-    return sum(1 for uri in uris for _ in iter_records(uri, storage, policy))
+def count_rows(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> int:
+    """Rows in one epoch of ``source``: every record of every unit (rejected ones flow through as
+    rows), or a mixture's planned rows."""
+    return as_plan(source, data, storage, seed).rows
 
 
 def _actor_pool(bounds: int | tuple[int, int]):
@@ -207,9 +247,10 @@ def _actor_pool(bounds: int | tuple[int, int]):
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
 
 
-def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
-                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None):
-    """A Ray Dataset of processed rows for ``source`` (prepared prefix, or JSON/JSONL files/folders).
+def build_dataset(source, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
+                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None, seed: int = 0):
+    """A Ray Dataset of processed rows for ``source`` (a data.train value, a Source or a Plan; see
+    :func:`as_plan`; ``seed`` draws a mixture's plan).
 
     ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
     """
@@ -221,7 +262,7 @@ def build_dataset(source: str | list[str], data: DataConfig, model: ModelConfig,
     # A deterministic order per worker: runs are reproducible, and a resumed run skips exactly
     # the rows the interrupted one trained on (see train.loop.epoch_batches).
     context.execution_options.preserve_order = True
-    ds = read_source(source, data, storage)
+    ds = read_source(source, data, storage, seed)
     return ds.map_batches(
         Preprocess,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,

@@ -53,6 +53,7 @@ supported.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -70,7 +71,8 @@ from omni_ray import storage as _storage
 from omni_ray.data.errors import DataError, DataSourceError
 from omni_ray.data.identity import DuplicateIds
 from omni_ray.data.images import DEFAULT_MAX_PIXELS, decode_image_info, encode_png, load_image, probe_file
-from omni_ray.data.reader import InputPolicy, iter_rows, resolve_sources
+from omni_ray.data.reader import InputPolicy
+from omni_ray.data.sources import iter_source_rows, resolve_entry
 from omni_ray.storage import StorageConfig
 
 __all__ = [
@@ -147,8 +149,9 @@ def prepare(
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shards_per_wave: int = 64,
+    columns: Optional[dict] = None,
 ) -> dict:
-    """Validate ``src`` (annotation files / folders, read in order as one dataset) into ``out``.
+    """Validate ``src`` (paths of any data form, read in order as one dataset) into ``out``.
 
     Returns the manifest (also written to ``out/manifest.json``). ``policy`` holds the input
     limits (``InputPolicy.from_data(data_config)``; image root, size caps, timeouts);
@@ -158,7 +161,9 @@ def prepare(
     for text); keep it at or above the cluster's CPU count so every CPU gets a shard.
     ``storage`` applies to ``src``, the images and ``out`` alike; its credentials reach the
     Ray tasks through their ``runtime_env``. A missing or unreadable source raises
-    :class:`DataSourceError` before anything is written.
+    :class:`DataSourceError` before anything is written; so does a source of which nothing
+    was accepted (after the manifest and rejects are written, so they can be read).
+    ``columns`` is the ``data.columns`` mapping for hub Parquet in an unknown layout.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard={rows_per_shard}: must be at least 1")
@@ -166,10 +171,11 @@ def prepare(
         raise ValueError(f"shards_per_wave={shards_per_wave}: must be at least 1")
     sources = [src] if isinstance(src, str) else list(src)
     sources = [s if _storage.is_remote(s) else os.path.abspath(s) for s in sources]  # workers lack our cwd
-    kind, files = resolve_sources(sources, storage, key="data prepare SRC")
-    if kind == "prepared":
-        raise DataSourceError(files[0], "is already prepared (has manifest.json); give the JSON/JSONL files",
-                              "data prepare SRC")
+    source = resolve_entry(sources, storage, key="data prepare SRC", columns=columns)
+    if source.units[0].form == "prepared":
+        raise DataSourceError(source.name, "is already prepared (has manifest.json); give the data it was "
+                              "prepared from", "data prepare SRC")
+    files = [u.uri for u in source.units]
     if not _storage.is_remote(out):
         out = os.path.abspath(out)
         _warn_if_multi_node(out)
@@ -178,13 +184,24 @@ def prepare(
     uses_s3 = storage is not None or any(map(_storage.is_remote, [*files, out]))
     env = (storage or StorageConfig()).worker_env() if uses_s3 else {}
     task_args = {"out": out, "storage": storage, "max_pixels": max_pixels, "policy": policy}
-    state = _run_waves(files, storage, policy, task_args, env, rows_per_shard * shards_per_wave,
+    state = _run_waves(source, storage, policy, task_args, env, rows_per_shard * shards_per_wave,
                        rows_per_shard, progress)
-    return _finish(files, out, storage, state, rows_per_shard)
+    manifest = _finish(files, out, storage, state, rows_per_shard)
+    if not manifest["shards"]:
+        counts = manifest["counts"]
+        raise DataSourceError(source.name, f"nothing was accepted: all {counts['total']} samples were rejected "
+                              f"({counts['by_reason']}); see {_storage.join(out, REJECTS_NAME)}", "data prepare SRC")
+    return manifest
 
 
-def _run_waves(files, storage, policy, task_args, env, wave_rows, rows_per_shard, progress) -> dict:
-    """Stream records, reject bad text at once, hand shard groups to Ray in waves."""
+def _run_waves(source, storage, policy, task_args, env, wave_rows, rows_per_shard, progress) -> dict:
+    """Stream records, reject bad text at once, hand shard groups to Ray in waves.
+
+    Embedded images (hub Parquet, tars, data: URIs) travel to the tasks base64-encoded in the
+    group's JSON, so a wave of such rows holds its images in driver memory: lower
+    ``shards_per_wave`` for sources with large embedded images.
+    """
+    files = [u.uri for u in source.units]
     import ray.data
     from tqdm.auto import tqdm
 
@@ -195,14 +212,17 @@ def _run_waves(files, storage, policy, task_args, env, wave_rows, rows_per_shard
     saved_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # one bar over all waves
     pending: list[dict] = []
     try:
-        for row in iter_rows(files, storage, policy):
+        for row in iter_source_rows(source, storage, policy):
             state["total"] += 1
             state["dupes"].add(row["id"], row["row"])
+            if not row["reason"] and any(len(v) for v in row["videos"]):
+                row.update(reason="unsupported_field", detail="an embedded video (data: URI) cannot be stored in "
+                           "prepared shards; write it to a file and reference its path")
             if row["reason"]:
                 state["rejects"].append(_reject(row, files, DataError(row["reason"], row["detail"])))
                 bar.update(1)
                 continue
-            pending.append(row)
+            pending.append(_portable(row))
             if len(pending) == wave_rows:
                 _run_wave(pending, state, task_args, env, rows_per_shard, bar)
                 pending = []
@@ -214,6 +234,13 @@ def _run_waves(files, storage, policy, task_args, env, wave_rows, rows_per_shard
     for r in state["rejects"]:
         r["source"] = files[r["source"]] if isinstance(r["source"], int) else r["source"]
     return state
+
+
+def _portable(row: dict) -> dict:
+    """A row as JSON can carry it to a task: embedded image bytes base64-encoded."""
+    out = {k: v for k, v in row.items() if k not in ("images", "videos")}
+    out["images"] = [base64.b64encode(b).decode("ascii") if b else "" for b in row["images"]]
+    return out
 
 
 def _run_wave(samples: list[dict], state: dict, task_args: dict, env: dict, rows_per_shard: int, bar) -> None:
@@ -350,7 +377,9 @@ def _process_group(
     rows, rejects = [], []
     for sample in samples:
         try:
-            images = [_validated_image(ref, storage, max_pixels, policy) for ref in sample["image_refs"]]
+            embedded = sample.get("images") or [""] * len(sample["image_refs"])
+            images = [_validated_image(ref, storage, max_pixels, policy, base64.b64decode(b) if b else None)
+                      for ref, b in zip(sample["image_refs"], embedded)]
             for ref in sample["video_refs"]:  # decoded at training; here only checked to be a regular file
                 probe_file(ref, storage, timeout_s=policy.read_timeout_s)
         except DataError as err:
@@ -384,10 +413,12 @@ def _read(ref: str, storage: Optional[StorageConfig], policy: InputPolicy) -> by
     return load_image(ref, storage, max_bytes=policy.max_image_bytes, timeout_s=policy.read_timeout_s)
 
 
-def _validated_image(ref: str, storage: Optional[StorageConfig], max_pixels: int, policy: InputPolicy) -> bytes:
-    """Bytes to store for ``ref``: the original, or PNG when decoding had to convert."""
+def _validated_image(ref: str, storage: Optional[StorageConfig], max_pixels: int, policy: InputPolicy,
+                     data: Optional[bytes] = None) -> bytes:
+    """Bytes to store for ``ref`` (or for the embedded ``data``): the original, or PNG when decoding had to convert."""
+    ref = ref or "embedded image"
     try:
-        data = _read(ref, storage, policy)
+        data = data if data is not None else _read(ref, storage, policy)
         decoded = decode_image_info(data, max_pixels=max_pixels)
     except DataError as err:
         raise DataError(err.reason, err.detail if ref in err.detail else f"{ref}: {err.detail}") from err

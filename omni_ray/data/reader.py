@@ -24,7 +24,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -41,11 +40,11 @@ __all__ = [
     "ROW_COLUMNS",
     "iter_records",
     "iter_rows",
-    "resolve_sources",
 ]
 
 _BOM = b"\xef\xbb\xbf"
-_MANIFEST = "manifest.json"  # prepare.MANIFEST_NAME; not imported, prepare imports this module
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_LOCATE_LIMIT = 64 << 20  # a broken .json up to this size is parsed again to name the line and column
 
 
 @dataclass(frozen=True)
@@ -68,72 +67,14 @@ class InputPolicy:
 # ---------------------------------------------------------------------------- sources
 
 
-def resolve_sources(
-    entries: Union[str, list[str]], storage: Optional[StorageConfig] = None, key: str = "data.train"
-) -> tuple[str, list[str]]:
-    """``("prepared", [prefix])`` or ``("json", [annotation files in reading order])``.
-
-    An entry is an annotation file (``.json``/``.jsonl``), a folder or ``s3://`` prefix of
-    them (read in name order, not recursively), or a prepared prefix (holds ``manifest.json``).
-    Several entries are one dataset; prepared prefixes cannot be mixed with other entries.
-    """
-    entries = [entries] if isinstance(entries, str) else list(entries)
-    prepared = [e for e in entries if not _is_annotation(e) and _storage.exists(_storage.join(e, _MANIFEST), storage)]
-    if prepared:
-        if len(entries) > 1:
-            raise DataSourceError(
-                prepared[0], "a prepared prefix cannot be combined with other sources; prepare them "
-                "together (`omni-ray data prepare A.json B.json --out PREFIX`) and train from PREFIX", key)
-        return "prepared", prepared
-    files = [f for entry in entries for f in _expand(entry, storage, key)]
-    for uri in files:
-        check_source_file(uri, storage, key)
-    return "json", files
-
-
-def _is_annotation(uri: str) -> bool:
-    return uri.lower().endswith(ANNOTATION_SUFFIXES)
-
-
-def _expand(entry: str, storage: Optional[StorageConfig], key: str) -> list[str]:
-    if _is_annotation(entry):
-        return [entry]
-    if not _storage.is_remote(entry) and os.path.isfile(entry):
-        raise DataSourceError(entry, "unknown annotation format; give a .json file (a list of records), a "
-                              ".jsonl file (one record per line), a folder of them or a prepared prefix", key)
-    names = [rel for rel in _storage.list_files(entry, storage) if "/" not in rel and _is_annotation(rel)]
-    if not names:
-        raise DataSourceError(entry, "no such file, and no .json/.jsonl files or manifest.json under it; check "
-                              "the path (relative paths are relative to the current directory)", key)
-    return [_storage.join(entry, name) for name in names]
-
-
 def check_source_file(uri: str, storage: Optional[StorageConfig] = None, key: str = "data.train") -> None:
-    """Raise :class:`DataSourceError` unless ``uri`` is a readable regular file (or an S3 object)."""
-    if not _is_annotation(uri):
+    """Raise :class:`DataSourceError` unless ``uri`` is a readable regular JSON/JSONL file (or S3 object)."""
+    from omni_ray.data.sources import check_file
+
+    if not uri.lower().endswith(ANNOTATION_SUFFIXES):
         raise DataSourceError(uri, "unknown annotation format; give a .json file (a list of records) or a "
                               ".jsonl file (one record per line)", key)
-    if _storage.is_remote(uri):
-        fs, path = _storage.resolve(uri, storage)
-        try:
-            info = fs.get_file_info(path)
-        except OSError as err:
-            raise DataSourceError(uri, f"cannot be read ({err}); check storage.endpoint_url and credentials", key) from None
-        if info.type.name != "File":
-            raise DataSourceError(uri, "no such object; check the bucket and key", key)
-        return
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataSourceError(uri, "does not exist; check the path (relative paths are relative to the "
-                              "current directory)", key) from None
-    except OSError as err:
-        raise DataSourceError(uri, f"cannot be opened ({err.strerror}); check the path", key) from None
-    if not stat.S_ISREG(mode):
-        raise DataSourceError(uri, "is not a regular file (a FIFO, device or socket); give a regular file", key)
-    if not os.access(path, os.R_OK):
-        raise DataSourceError(uri, "cannot be read (permission denied); check its permissions", key)
+    check_file(uri, storage, key)
 
 
 # ---------------------------------------------------------------------------- records
@@ -159,6 +100,9 @@ def iter_records(
 
 
 def _iter_jsonl(uri: str, storage: Optional[StorageConfig], policy: InputPolicy):
+    if _utf16(uri, storage):
+        yield from _iter_utf16_lines(uri, storage)
+        return
     index = 0
     for line_no, raw in _iter_lines(uri, storage, policy.max_record_bytes):
         if raw is None:
@@ -172,6 +116,23 @@ def _iter_jsonl(uri: str, storage: Optional[StorageConfig], policy: InputPolicy)
             continue
         yield index, _parse_line(raw, f"{uri} line {line_no}", policy)
         index += 1
+
+
+def _utf16(uri: str, storage: Optional[StorageConfig]) -> bool:
+    with _storage.open_input_stream(uri, storage) as f:
+        return f.read(2) in _UTF16_BOMS
+
+
+def _iter_utf16_lines(uri: str, storage: Optional[StorageConfig]):
+    """A UTF-16 file (byte order mark): each record is rejected once, naming the fix."""
+    with _storage.open_input_stream(uri, storage) as f:
+        text = codecs.getreader("utf-16")(f, errors="replace")
+        index = 0
+        for line_no, line in enumerate(text, 1):
+            if line.strip():
+                yield index, DataError("non_utf8_text", f"{uri} line {line_no}: the file is UTF-16 (it starts with a "
+                                       "UTF-16 byte order mark); re-encode it as UTF-8")
+                index += 1
 
 
 def _iter_lines(uri: str, storage: Optional[StorageConfig], max_bytes: int, chunk: int = 1 << 20):
@@ -249,13 +210,17 @@ class _Utf8Repair:
 def _iter_json(uri: str, storage: Optional[StorageConfig], policy: InputPolicy):
     import ijson
 
+    if _utf16(uri, storage):
+        raise DataSourceError(uri, "is UTF-16 (it starts with a UTF-16 byte order mark); re-encode it as UTF-8")
     with _storage.open_input_stream(uri, storage) as f:
         events = ijson.basic_parse(_Utf8Repair(f), use_float=True)
         try:
             first = next(events, (None, None))[0]
             if first != "start_array":
+                hint = (" (one record per file: a folder of KEY.json + KEY.jpg is an untarred WebDataset; tar "
+                        "the pairs into .tar shards, or list the records in one .json file)") if first == "start_map" else ""
                 raise DataSourceError(uri, f"top level is {first or 'empty'}, not a list; a .json annotation file "
-                                      "must be a list of records (or write one record per line as .jsonl)")
+                                      f"must be a list of records (or write one record per line as .jsonl){hint}")
             index = 0
             for record in _records(events, uri, policy):
                 yield index, record
@@ -263,9 +228,24 @@ def _iter_json(uri: str, storage: Optional[StorageConfig], policy: InputPolicy):
             for _ in events:  # anything after the list is an error ijson raises while draining
                 pass
         except (ijson.JSONError, UnicodeDecodeError) as err:
-            detail = str(err).splitlines()[0][:200]
+            detail = _locate_json_error(uri, storage) or str(err).splitlines()[0][:200]
             raise DataSourceError(uri, f"not valid JSON ({detail}); fix the file, or write one record per line as "
                                   ".jsonl so a bad line rejects only itself") from None
+
+
+def _locate_json_error(uri: str, storage: Optional[StorageConfig]) -> Optional[str]:
+    """``"<what> at line L column C"`` for a broken .json file (parsed again whole, up to a size cap)."""
+    with _storage.open_input_stream(uri, storage) as f:
+        data = f.read(_LOCATE_LIMIT + 1)
+    if len(data) > _LOCATE_LIMIT:
+        return None
+    try:
+        json.loads(data.decode("utf-8-sig", errors="replace"))
+    except json.JSONDecodeError as e:
+        return f"{e.msg} at line {e.lineno} column {e.colno}"
+    except RecursionError:
+        return None
+    return None
 
 
 def _records(events, uri: str, policy: InputPolicy):
@@ -353,8 +333,13 @@ def iter_rows(files: list[str], storage: Optional[StorageConfig] = None,
 
 
 def to_row(item: Any, row: int, file_no: int, index: int, uri: str, policy: InputPolicy) -> dict:
-    """Normalize one record into a row; any problem becomes the row's ``reason``."""
-    from omni_ray.data.formats import normalize_record, resolve_ref
+    """Normalize one record into a row; any problem becomes the row's ``reason``.
+
+    Embedded media (``{bytes, path}`` structs, raw bytes, base64 ``data:`` URIs) go into
+    ``images``/``videos`` aligned with the refs (see :mod:`omni_ray.data.embedded`).
+    """
+    from omni_ray.data.embedded import lift_media, split_media
+    from omni_ray.data.formats import normalize_record
 
     user_id = item.get("id") if isinstance(item, dict) else None
     out = {"row": row, "id": f"sample-{row}" if user_id in (None, "") else str(user_id), "messages": "[]",
@@ -363,22 +348,34 @@ def to_row(item: Any, row: int, file_no: int, index: int, uri: str, policy: Inpu
     try:
         if isinstance(item, DataError):
             raise item
-        sample = normalize_record(item, row)
-        resolve = {"root": policy.image_root, "allow_absolute": policy.allow_absolute_paths}
+        record, blobs = lift_media(item)
+        sample = normalize_record(record, row)
+        where = f"sample {out['id']}"
+        images = split_media(sample["image_refs"], blobs, policy.max_image_bytes, where)
+        videos = split_media(sample["video_refs"], blobs, policy.max_image_bytes, where)
         out.update(
             messages=json.dumps(sample["messages"], ensure_ascii=False),
-            image_refs=[resolve_ref(r, uri, **resolve) for r in sample["image_refs"]],
-            video_refs=[resolve_ref(r, uri, **resolve) for r in sample["video_refs"]],
             tools=json.dumps(sample["tools"], ensure_ascii=False) if sample["tools"] else "",
+            **_media_columns("image", images, uri, policy), **_media_columns("video", videos, uri, policy),
         )
-        if not policy.allow_absolute_paths:  # a symlink inside the root may still point out of it
-            from omni_ray.data.images import check_confined
-
-            root = policy.image_root or os.path.dirname(uri)
-            for ref in out["image_refs"] + out["video_refs"]:
-                check_confined(ref, root)
     except DataError as err:
         out.update(reason=err.reason, detail=err.detail)
     except Exception as err:  # noqa: BLE001 - one record must never stop the run; it is reported
         out.update(reason="processing_error", detail=f"{type(err).__name__}: {err}"[:500])
     return out
+
+
+def _media_columns(kind: str, items: list[tuple[str, bytes]], uri: str, policy: InputPolicy) -> dict:
+    """``{kind}_refs`` (resolved, confined) and ``{kind}s`` (bytes; [] when every item is a ref)."""
+    from omni_ray.data.formats import resolve_ref
+    from omni_ray.data.images import check_confined
+
+    resolve = {"root": policy.image_root, "allow_absolute": policy.allow_absolute_paths}
+    refs = [resolve_ref(ref, uri, **resolve) if ref else "" for ref, _ in items]
+    if not policy.allow_absolute_paths:  # a symlink inside the root may still point out of it
+        root = policy.image_root or os.path.dirname(uri)
+        for ref in refs:
+            if ref:
+                check_confined(ref, root)
+    blobs = [data for _, data in items] if any(data for _, data in items) else []
+    return {f"{kind}_refs": refs, f"{kind}s": blobs}

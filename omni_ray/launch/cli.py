@@ -6,7 +6,7 @@
     omni-ray validate --list-archs | --schema       supported architectures; the config's JSON schema
     omni-ray train CONFIG [--set k=v ...]           train under Ray Train (local Ray or RAY_ADDRESS)
     omni-ray data prepare SRC --out PREFIX          MiniCPM-V JSON/JSONL -> Parquet shards + manifest
-    omni-ray data check PREFIX --config CONFIG     run the real preprocessing, report rejects
+    omni-ray data check [PREFIX] --config CONFIG   run the real preprocessing, report rejects (per source)
     omni-ray export CHECKPOINT --out DIR [--adapter]  merged HF model dir, or a PEFT adapter
     omni-ray report RUN [--json]                    config, freeze plan, checkpoints, metrics, where the plots are
 
@@ -48,6 +48,7 @@ def cmd_validate(args) -> int:
     cfg = _config(args)
     result = validate(cfg)
     print(f"model: {cfg.model.path} ({result.spec.name})")
+    print(f"data: {describe_data(cfg)}")
     print(format_plan(result.plan, cfg.train.frozen_storage))
     print(f"strategy: {cfg.strategy.name}" + (f" ZeRO-{cfg.strategy.zero_stage}" if cfg.strategy.name == "deepspeed" else "")
           + f", {cfg.scaling.num_workers} workers, precision {cfg.train.precision}")
@@ -69,7 +70,9 @@ def cmd_train(args) -> int:
         # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
         print(f"training failed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"metrics": {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)},
+    metrics = result.metrics or {}
+    print(json.dumps({"metrics": {k: v for k, v in metrics.items()
+                                  if not isinstance(v, dict) or k in ("samples_by_source", "rejected_by_source")},
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "run_dir": str(result.path)}, default=str))
     return 0
@@ -85,6 +88,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def describe_data(cfg: Config) -> str:
+    """data.train resolved (existence, form, Parquet layout; no counting): one line, or a ConfigError
+    naming the path (a mixture: naming the entry)."""
+    from collections import Counter
+
+    from omni_ray.data.mixture import check_sources
+
+    parts = []
+    for source in check_sources(cfg.data, cfg.storage):
+        forms = Counter(u.form for u in source.units)
+        share = (f" weight {source.weight:g}" if source.weight is not None else
+                 f" samples {source.samples}" if source.samples is not None else "")
+        parts.append(f"{source.name}{share}: " + ", ".join(f"{n} {form} unit(s)" for form, n in sorted(forms.items())))
+    return "; ".join(parts)
+
+
 def cmd_data_prepare(args) -> int:
     from omni_ray.data.prepare import prepare
     from omni_ray.data.reader import InputPolicy
@@ -93,8 +112,17 @@ def cmd_data_prepare(args) -> int:
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
     policy = InputPolicy(max_image_bytes=args.max_image_bytes, image_root=args.image_root,
                          allow_absolute_paths=args.allow_absolute_paths)
+    columns = None
+    if args.columns:
+        from omni_ray.config import ColumnsConfig, ConfigError
+
+        try:
+            columns = ColumnsConfig.model_validate(json.loads(args.columns)).model_dump()
+        except ValueError as err:
+            raise ConfigError(f"--columns: {' '.join(str(err).split())[:300]}; give a JSON object such as "
+                              '\'{"conversation": "dialog", "images": "pictures"}\'') from None
     manifest = prepare(args.src, args.out, storage=storage, policy=policy, rows_per_shard=args.rows_per_shard,
-                       max_pixels=args.max_pixels)
+                       max_pixels=args.max_pixels, columns=columns)
     print(json.dumps({**manifest["counts"], "duplicate_ids": manifest["duplicate_ids"]["count"]}))
     return 0
 
@@ -103,7 +131,8 @@ def cmd_data_check(args) -> int:
     from omni_ray.data.check import check, format_report
 
     cfg = _config(args)
-    report = check(args.prefix, cfg.data, cfg.model, cfg.storage)
+    # No PREFIX: the config's data.train (a mixture is checked source by source).
+    report = check(args.prefix or cfg.data.train, cfg.data, cfg.model, cfg.storage, seed=cfg.train.seed)
     print(format_report(report))
     return 0 if report["bad_fraction"] <= cfg.data.max_bad_fraction else 1
 
@@ -184,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = _Subparsers(sub.add_parser("data", help="prepare and check datasets").add_subparsers(
         dest="data_command", required=True), common)
-    prep = data.add_parser("prepare", help="JSON/JSONL (MiniCPM-V, LLaVA, ShareGPT, ms-swift) -> Parquet shards")
+    prep = data.add_parser("prepare", help="any data form (JSON/JSONL, hub Parquet, WebDataset tars) -> Parquet shards")
     prep.add_argument("src", nargs="+", help="annotation files or folders of them, read in order as one dataset")
     prep.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
     prep.add_argument("--rows-per-shard", type=int, default=512)
@@ -197,9 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="accept absolute image paths and .. leaving the image root")
     prep.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                       help="S3-compatible endpoint (MinIO, moto); default $AWS_ENDPOINT_URL")
+    prep.add_argument("--columns", default=None, metavar="JSON",
+                      help="hub Parquet in an unknown layout: data.columns as JSON, e.g. "
+                      '\'{"conversation": "dialog", "images": "pictures"}\'')
     prep.set_defaults(fn=cmd_data_prepare)
-    chk = data.add_parser("check", help="run the model's preprocessing over prepared shards and report")
-    chk.add_argument("prefix", help="prepared shard prefix (local or s3://) or a JSON/JSONL file")
+    chk = data.add_parser("check", help="run the model's preprocessing over a dataset (any data form) and report")
+    chk.add_argument("prefix", nargs="?", help="data in any form: prepared prefix, JSON/JSONL, hub Parquet, WebDataset "
+                     ".tar shards (a file, folder, s3:// prefix or glob); default: the config's data.train (a "
+                     "mixture: every source, counted per source)")
     chk.add_argument("--config", required=True, help="the training config (model, data.model_max_length, ...)")
     chk.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     chk.set_defaults(fn=cmd_data_check)
@@ -208,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(err: BaseException) -> str | None:
     """One line for an expected failure (bad config, storage, data, files), or None for a bug."""
+    cause = getattr(err, "cause", None)  # a Ray task's error arrives wrapped (RayTaskError.cause)
+    if isinstance(cause, UserError):
+        return str(cause)
     if isinstance(err, UserError):
         return str(err)
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):

@@ -205,7 +205,8 @@ def train(cfg: Config, verbose: bool = False):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from omni_ray.data.pipeline import build_dataset, count_rows
+    from omni_ray.data.mixture import plan_data
+    from omni_ray.data.pipeline import build_dataset
     from omni_ray.observe.console import quiet_driver, ray_logging_config
     from omni_ray.observe.watch import RunWatcher
     from omni_ray.train.loop import train_loop_per_worker
@@ -217,8 +218,11 @@ def train(cfg: Config, verbose: bool = False):
     log_memory_estimate(cfg, checked)
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     asked = wait_for_gpus(cfg.scaling)
-    num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
-    dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
+    # Sources resolved and counted once; the plan (a mixture's rows per source, their positions and
+    # read order, seeded by train.seed) gives the epoch's rows and the dataset.
+    plan = plan_data(cfg.data, cfg.storage, cfg.train.seed)
+    num_rows = plan.rows
+    dataset = build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)

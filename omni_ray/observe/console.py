@@ -129,6 +129,8 @@ def status_text(report: dict) -> str:
     if report.get("tokens_per_s") is not None:
         parts.append(f"{report['tokens_per_s']:.0f} tok/s")
     parts.append(f"rejected {sum((report.get('rejected') or {}).values())}")
+    if report.get("samples_by_source"):  # a mixture: how many rows each source gave so far
+        parts.append("samples " + ", ".join(f"{name} {n}" for name, n in report["samples_by_source"].items()))
     if report.get("eval_loss") is not None:
         parts.append(f"eval_loss {report['eval_loss']:.4f}")
     return " ".join(parts)

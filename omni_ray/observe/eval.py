@@ -82,22 +82,13 @@ class EvalSet:
 
 
 def read_rows(source: str, data: DataConfig, storage: StorageConfig | None) -> list[dict]:
-    """Rows as training reads them (same reader, same policy): JSON/JSONL records or prepared shards."""
-    from omni_ray.data.reader import InputPolicy, iter_rows, resolve_sources
+    """Rows as training reads them (same reader, same policy), in any data form, in source order."""
+    from omni_ray.data.reader import InputPolicy
+    from omni_ray.data.sources import iter_source_rows, resolve_entry
 
-    kind, uris = resolve_sources(source, storage)
-    if kind == "json":
-        return list(iter_rows(uris, storage, InputPolicy.from_data(data)))
-    import pyarrow.parquet as pq
-
-    from omni_ray import storage as st
-    from omni_ray.data.prepare import read_manifest, shard_uris
-
-    rows = []
-    for uri in shard_uris(uris[0], read_manifest(uris[0], storage)):
-        fs, path = st.resolve(uri, storage)
-        rows += pq.read_table(path, filesystem=fs, columns=["id", "messages", "images", "video_refs", "tools"]).to_pylist()
-    return rows
+    columns = data.columns.model_dump() if data.columns is not None else None
+    entry = resolve_entry(source, storage, key="data.eval", columns=columns)
+    return list(iter_source_rows(entry, storage, InputPolicy.from_data(data)))
 
 
 def _prompt(row: dict, arrays: dict, sp, pre) -> Prompt:

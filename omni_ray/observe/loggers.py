@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import time
 
 from omni_ray.config import ConfigError
@@ -40,6 +41,9 @@ def check_loggers(names: list[str]) -> None:
                               f"{fix}, or remove {name} from run.loggers")
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\- /]")  # outside MLflow's metric-name alphabet
+
+
 def scalars(report: dict) -> dict[str, float]:
     """The loggable numbers of one report: fixed names, rejects by reason, nothing non-numeric."""
     out = {}
@@ -52,6 +56,10 @@ def scalars(report: dict) -> dict[str, float]:
         out[f"data/rejected/{reason}"] = float(count)
     if "rejected" in report:
         out["data/rejected_total"] = float(sum(rejected.values()))
+    # A mixture: rows seen and rejected per source (names made safe for MLflow's key alphabet).
+    for key, prefix in (("samples_by_source", "data/samples"), ("rejected_by_source", "data/rejected_by_source")):
+        for name, count in (report.get(key) or {}).items():
+            out[f"{prefix}/{_UNSAFE.sub('_', name)}"] = float(count)
     return out
 
 

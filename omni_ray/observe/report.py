@@ -78,6 +78,8 @@ def build_report(run_uri: str, storage=None) -> dict:
         "final_metrics": {k: last[k] for k in FINAL_KEYS if k in last},
         "eval_losses": {int(r["step"]): r["eval_loss"] for r in history if r.get("eval_loss") is not None},
         "rejected": last.get("rejected", {}),
+        "samples_by_source": last.get("samples_by_source", {}),
+        "rejected_by_source": last.get("rejected_by_source", {}),
         "curves": st.join(run_uri, CURVES) if CURVES in files else None,
         "tensorboard": st.join(run_uri, TB_DIR) if any(f.startswith(TB_DIR + "/") for f in files) else None,
         "eval_pages": [st.join(run_uri, p) for p in pages],
@@ -103,6 +105,10 @@ def format_report(report: dict) -> str:
         lines.append("eval loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in sorted(report["eval_losses"].items())))
     rejected = report["rejected"]
     lines.append("rejected samples: " + (", ".join(f"{k} {v}" for k, v in rejected.items()) if rejected else "none"))
+    by_source, rejected_by_source = report.get("samples_by_source") or {}, report.get("rejected_by_source") or {}
+    if by_source:  # a mixture
+        lines.append("samples by source: " + ", ".join(f"{name} {n} (rejected {rejected_by_source.get(name, 0)})"
+                                                       for name, n in by_source.items()))
     for label in ("last_checkpoint", "best_checkpoint"):
         c = report[label]
         if c:

@@ -85,6 +85,9 @@ class EpochBatches:
         self.shard, self.batcher, self.train, self.data, self.state = shard, batcher, train, data, state
         self.seen = 0
         self.rejected: Counter = Counter()
+        # Per data.train source (its index; 0 without a mixture): rows seen, rows rejected.
+        self.seen_by_source: Counter = Counter()
+        self.rejected_by_source: Counter = Counter()
         self._it = self._epoch(state.epoch)
 
     def next_step(self, grad_accum: int) -> list[dict]:
@@ -114,14 +117,20 @@ class EpochBatches:
     def _epoch(self, epoch: int):
         for rows in self._rows(epoch):
             samples, fresh = [], 0
+            # row_from: a mixture's subset leaves positions out; a row covers those before it
+            # (never another planned row), so the consumed set stays a few ranges.
+            covers, sources = rows.get("row_from", rows["row"]), rows.get("source")
             for i, reason in enumerate(rows["reason"]):
                 position = int(rows["row"][i])
                 if position in self.state.consumed:
                     continue
-                self.state.consumed.add(position)
+                self.state.consumed.add_range(min(int(covers[i]), position), position + 1)
                 fresh += 1
+                source = int(sources[i]) if sources is not None else 0
+                self.seen_by_source[source] += 1
                 if reason:
                     self.rejected[str(reason)] += 1
+                    self.rejected_by_source[source] += 1
                 else:
                     samples.append(decode(rows["sample"][i]))
             self.seen += fresh

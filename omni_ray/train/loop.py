@@ -74,7 +74,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
                       cfg.data.row_tokens())
     batches = EpochBatches(session.dataset_shard("train"), batcher, cfg.train, cfg.data, state)
     evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, batcher.keep_alive, run_uri)
-    meter, last = Meter(), {}
+    meter, last = Meter([e.label() for e in cfg.data.entries()], cfg.data.is_mixture()), {}
     while not schedule_done(state.step, state.epoch, total_steps, cfg.train):
         micro = batches.next_step(cfg.train.grad_accum)
         # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
@@ -143,7 +143,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
                        resumed_from=saved["step"], saved_at=saved["step"],
                        reports=saved["reports"])
     if session.rank == 0:
-        log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained",
+        log.info("resumed from %s: step %d, epoch %d, %d row positions of this epoch already trained",
                  path, state.step, state.epoch, len(state.consumed))
     return state
 
@@ -171,7 +171,9 @@ class Meter:
     rejects and keep-alive batches are totals since this process started.
     """
 
-    def __init__(self):
+    def __init__(self, sources: list[str] | None = None, mixture: bool = False):
+        self.sources = sources or [""]  # data.train's sources by name, in order (one without a mixture)
+        self.mixture = mixture
         self.results: list[StepResult] = []
         self.since = time.perf_counter()
         self.keep_alive_batches = 0
@@ -186,7 +188,11 @@ class Meter:
         r = self.results
         local = [sum(x.loss_sum for x in r), sum(x.label_tokens for x in r), sum(x.samples for x in r),
                  sum(x.tokens for x in r), batches.seen, self.keep_alive_batches, sum(x.positions for x in r)]
-        totals = _all_reduce(local + [batches.rejected[reason] for reason in REASONS])
+        sources = range(len(self.sources))
+        totals = _all_reduce(local + [batches.rejected[reason] for reason in REASONS]
+                             + [batches.seen_by_source[s] for s in sources]
+                             + [batches.rejected_by_source[s] for s in sources])
+        by_source = totals[7 + len(REASONS):]
         elapsed = time.perf_counter() - self.since
         stats = r[-1].stats
         metrics = {
@@ -198,9 +204,12 @@ class Meter:
             # Tokens per optimizer step on all ranks, and the share of computed positions that were
             # real tokens (1.0 when packed): throughput per useful token is tokens_per_s.
             "tokens_per_step": totals[3] / max(len(r), 1), "useful_token_fraction": totals[3] / max(totals[6], 1.0),
-            "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[7:]) if v},
+            "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[7:7 + len(REASONS)]) if v},
             "audit": guard.summary, "resumed_from_step": state.resumed_from, "memory_gb": memory_gb(device),
         }
+        if self.mixture:  # a mixture: samples and rejects per source, by name
+            metrics["samples_by_source"] = {n: int(v) for n, v in zip(self.sources, by_source)}
+            metrics["rejected_by_source"] = {n: int(v) for n, v in zip(self.sources, by_source[len(self.sources):])}
         self.results, self.since = [], time.perf_counter()
         return metrics
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,11 @@ def models(s3):
 
 
 def _endpoint(s3) -> list[str]:
-    return ["--set", f"storage.endpoint_url={s3.endpoint_url}"]
+    # validate also resolves data.train (it must exist): the job files' data bucket is not in
+    # the test's S3, so a one-record local file stands in for it.
+    data = Path(tempfile.mkdtemp()) / "d.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    return ["--set", f"storage.endpoint_url={s3.endpoint_url}", "--set", f"data.train={data}"]
 
 
 def _printed_total(out: str) -> tuple[int, int]:

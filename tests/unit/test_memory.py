@@ -86,6 +86,8 @@ def test_validate_memory_prints_the_estimate(tmp_path, capsys):
     from omni_ray.models.tiny import build_tiny_minicpmv
 
     model_dir = build_tiny_minicpmv(tmp_path / "model", text_layers=4)
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                          '{"role": "assistant", "content": "a"}]}\n')
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"path": str(model_dir), "dtype": "float32"},

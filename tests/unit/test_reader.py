@@ -9,7 +9,8 @@ import pytest
 
 from omni_ray.config import ConfigError, DataConfig, load_config
 from omni_ray.data.errors import DataError, DataSourceError
-from omni_ray.data.reader import InputPolicy, iter_records, iter_rows, resolve_sources
+from omni_ray.data.reader import InputPolicy, iter_records, iter_rows
+from omni_ray.data.sources import count_units, iter_source_rows, resolve_entry
 
 GOOD = {"id": "0", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 DEEP = 200_000  # issue 11: a record this deep crashed prepare, check and training with RecursionError
@@ -76,24 +77,26 @@ def test_unreadable_source_message(tmp_path, monkeypatch):
     # Tests may run as root, where chmod 0 stops nothing: stand in for the permission check.
     monkeypatch.setattr(os, "access", lambda p, mode: False)
     with pytest.raises(DataSourceError, match=r"secret.json: cannot be read \(permission denied\); check its permissions"):
-        resolve_sources([str(path)])
+        resolve_entry([str(path)])
 
 
 def test_source_errors_name_path_and_fix(tmp_path):
     (tmp_path / "data.csv").write_text("a,b")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataSourceError) as info:
-        resolve_sources(str(tmp_path / "missing.json"), key="data prepare SRC")
+        resolve_entry(str(tmp_path / "missing.json"), key="data prepare SRC")
     assert str(info.value) == (f"data prepare SRC: {tmp_path / 'missing.json'}: does not exist; check the path "
                                "(relative paths are relative to the current directory)")
-    with pytest.raises(DataSourceError, match="unknown annotation format; give a .json file"):
-        resolve_sources(str(tmp_path / "notes.txt"))
-    with pytest.raises(DataSourceError, match="no such file, and no .json/.jsonl files or manifest.json"):
-        resolve_sources(str(tmp_path / "nothing-here"))
+    with pytest.raises(DataSourceError, match=r"notes.txt: not a data form omni_ray reads; give a .json file.*"
+                       r"\.parquet, WebDataset \.tar"):
+        resolve_entry(str(tmp_path / "notes.txt"))
+    with pytest.raises(DataSourceError, match=r"no such file, and no data files \(.json/.jsonl/.parquet/.tar\) "
+                       "or manifest.json"):
+        resolve_entry(str(tmp_path / "nothing-here"))
     # A .csv as data.train is refused when the config is loaded, naming the key.
-    with pytest.raises(ConfigError, match=r"data.train: .*data.csv' is not an annotation file"):
+    with pytest.raises(ConfigError, match=r"data.train: .*data.csv' is not a data form omni_ray reads"):
         load_config({"model": {"path": "m"}, "data": {"train": str(tmp_path / "data.csv")}})
-    with pytest.raises(ConfigError, match="data.train: 'b.csv' is not an annotation file"):
+    with pytest.raises(ConfigError, match="data.train: 'b.csv' is not a data form omni_ray reads"):
         load_config({"model": {"path": "m"}, "data": {"train": ["a.json", "b.csv"]}})
 
 
@@ -107,10 +110,13 @@ def test_two_files_both_numbering_ids_from_zero_keep_every_row(tmp_path):
     (folder / "x.json").write_text(json.dumps([{k: v for k, v in GOOD.items() if k != "id"}]))
     (folder / "skip.txt").write_text("not data")
     cfg = DataConfig(train=[str(a), str(b), str(folder)])
-    kind, files = resolve_sources(cfg.sources())
-    assert kind == "json"
+    source = resolve_entry(cfg.sources())
+    files = [u.uri for u in source.units]
     assert files == [str(a), str(b), str(folder / "x.json"), str(folder / "y.jsonl")]
+    assert [u.form for u in source.units] == ["json", "jsonl", "json", "jsonl"]
     rows = list(iter_rows(files))
+    assert rows == list(iter_source_rows(source)), "the source API reads the same rows"
+    assert [u.offset for u in count_units(source).units] == [0, 3, 5, 6]
     assert [r["row"] for r in rows] == list(range(7))
     assert [r["id"] for r in rows] == ["0", "1", "0", "0", "1", "sample-5", "0"]
     assert [(r["source_file"], r["source_index"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
@@ -150,18 +156,22 @@ def test_cli_prepare_missing_source_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_training_reader_streams_bounded_blocks(tmp_path):
-    """The JSON training path reads in a Ray task, one block of rows at a time, never the whole file."""
-    from omni_ray.data.pipeline import JsonRowsDatasource
+    """The training read: one Ray read task per unit, each one block of rows at a time, never the whole file."""
+    from omni_ray.data.mixture import make_plan
+    from omni_ray.data.pipeline import PlanDatasource
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
     a.write_text("\n".join(json.dumps({**GOOD, "id": str(i)}) for i in range(25)))
     b.write_text(json.dumps([{**GOOD, "id": str(i)} for i in range(10)]))
-    source = JsonRowsDatasource([str(a), str(b)], None, InputPolicy(), rows_per_block=8)
-    (task,) = source.get_read_tasks(parallelism=4)
-    blocks = list(task())
-    assert [t.num_rows for t in blocks] == [8, 8, 8, 8, 3]
+    source = count_units(resolve_entry([str(a), str(b)]))
+    plan = make_plan([source], seed=0, mixture=False)  # one source: one read task per unit, rows as they are
+    tasks = PlanDatasource(plan, None, InputPolicy(), rows_per_block=8).get_read_tasks(parallelism=4)
+    assert len(tasks) == 2, "one read task per unit"
+    blocks = [t for task in tasks for t in task()]
+    assert [t.num_rows for t in blocks] == [8, 8, 8, 1, 8, 2]
     rows = [r for t in blocks for r in t.to_pylist()]
     assert [r["row"] for r in rows] == list(range(35))
+    assert [r["source_row"] for r in rows] == list(range(35))
     assert [r["id"] for r in rows] == [str(i) for i in range(25)] + [str(i) for i in range(10)]
 
 

@@ -30,7 +30,9 @@ def test_validate_prints_the_real_size_and_a_tied_lm_head_trains(tmp_path, capsy
     from omni_ray.launch import cli
 
     config = tmp_path / "v46.yaml"
-    config.write_text(f"model: {{path: '{REFERENCE}'}}\ndata: {{train: /d.jsonl}}\n"
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                                      '"content": "a"}]}\n')
+    config.write_text(f"model: {{path: '{REFERENCE}'}}\ndata: {{train: {tmp_path / 'd.jsonl'}}}\n"
                       "freeze: {vision: frozen, projector: frozen, llm: frozen, lm_head: full}\n")
     assert cli.main(["validate", str(config)]) == 0
     out = capsys.readouterr().out
