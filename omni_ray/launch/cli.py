@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny MiniCPM-V on 2 CPU workers and show it learned")
     demo.add_argument("--workdir", default=os.path.expanduser("~/omni_ray_demo"))
     demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 4 epochs)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 5 epochs)")
     demo.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 below this held-out accuracy")
     demo.set_defaults(fn=cmd_demo)
 

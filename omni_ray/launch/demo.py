@@ -22,7 +22,7 @@ def demo_config(workdir: Path, num_workers: int, max_steps: int | None) -> Confi
                  "model_max_length": 64, "max_bad_fraction": 0.0},
         "freeze": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": {"projector": 1e-2}},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"epochs": 4, "max_steps": max_steps, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
+        "train": {"epochs": 5, "max_steps": max_steps, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
                   "precision": "fp32", "log_every": 5, "seed": 0, "eval_every": 60},
         # Eval loss over the held-out set, and a page of what the model answers for 3 of its images.
         "eval": {"num_samples": 3, "max_new_tokens": 6},

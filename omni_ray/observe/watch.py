@@ -45,7 +45,7 @@ CURVES = "curves.png"
 # Report keys kept in metrics.jsonl beside the scalars (the audit is kept once, in the first line).
 KEPT = ("step", "total_steps", "epoch", "loss", "eval_loss", "eval_tokens", "lr", "grad_norm", "tokens_per_s",
         "samples_per_s", "samples_seen", "skipped_steps", "memory_gb", "rejected", "eval_page", "checkpoint",
-        "resumed_from_step", "frozen_unchanged", "samples_by_source", "rejected_by_source")
+        "resumed_from_step", "frozen_unchanged", "samples_by_source", "rejected_by_source", "data_order")
 
 
 class _Inbox:

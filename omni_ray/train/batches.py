@@ -8,6 +8,7 @@ replaced by another sample.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class EpochBatches:
     The shuffle is a function of (seed, epoch) over this rank's stream, and skipping trained
     rows happens after it, so a resumed run sees exactly the rows the interrupted one had not
     reached.
+
+    ``order_digest`` fingerprints the positions this rank has read, in order, since the process
+    started: two runs of one config, seed and world size read the same rows on every rank in the
+    same order exactly when their digests agree at every report (metrics ``data_order``).
     """
 
     def __init__(self, shard, batcher: Batcher, train: TrainConfig, data: DataConfig, state: TrainState):
@@ -88,7 +93,12 @@ class EpochBatches:
         # Per data.train source (its index; 0 without a mixture): rows seen, rows rejected.
         self.seen_by_source: Counter = Counter()
         self.rejected_by_source: Counter = Counter()
+        self._order = hashlib.blake2b(digest_size=8)
         self._it = self._epoch(state.epoch)
+
+    def order_digest(self) -> str:
+        """Hex fingerprint of the row positions read so far, in the order they were read."""
+        return self._order.hexdigest()
 
     def next_step(self, grad_accum: int) -> list[dict]:
         """Up to ``grad_accum`` micro-batches; fewer (or none) when this rank's epoch runs out.
@@ -125,6 +135,7 @@ class EpochBatches:
                 if position in self.state.consumed:
                     continue
                 self.state.consumed.add_range(min(int(covers[i]), position), position + 1)
+                self._order.update(position.to_bytes(8, "little"))
                 fresh += 1
                 source = int(sources[i]) if sources is not None else 0
                 self.seen_by_source[source] += 1

@@ -92,7 +92,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         guard.after_step()
         evaluating = evaluator is not None and evaluator.due(state.step, total_steps)
         if evaluating or should_log(state.step, total_steps, cfg.train.log_every):
-            last = meter.report(state, batches, engine, guard, total_steps, session.device)
+            last = meter.report(state, batches, engine, guard, total_steps, session.device,
+                                (session.rank, session.world_size))
             if evaluating:  # every rank: eval loss over the whole eval set, answers -> eval/step-N.html
                 last.update(evaluator(engine, state.step, session.rank, session.world_size, session.device))
                 meter.since = time.perf_counter()  # evaluation time is not training throughput
@@ -183,7 +184,7 @@ class Meter:
         self.keep_alive_batches += result.keep_alive_batches
 
     def report(self, state: TrainState, batches: EpochBatches, engine, guard: FreezeGuard, total_steps: int,
-               device: torch.device) -> dict:
+               device: torch.device, rank_world: tuple[int, int] = (0, 1)) -> dict:
         """Metrics over all ranks (collective: every rank calls it at the same step)."""
         r = self.results
         local = [sum(x.loss_sum for x in r), sum(x.label_tokens for x in r), sum(x.samples for x in r),
@@ -206,6 +207,8 @@ class Meter:
             "tokens_per_step": totals[3] / max(len(r), 1), "useful_token_fraction": totals[3] / max(totals[6], 1.0),
             "rejected": {reason: int(v) for reason, v in zip(REASONS, totals[7:7 + len(REASONS)]) if v},
             "audit": guard.summary, "resumed_from_step": state.resumed_from, "memory_gb": memory_gb(device),
+            # Per rank, a fingerprint of the row positions it has read, in order (EpochBatches.order_digest).
+            "data_order": per_rank_digests(batches.order_digest(), *rank_world),
         }
         if self.mixture:  # a mixture: samples and rejects per source, by name
             metrics["samples_by_source"] = {n: int(v) for n, v in zip(self.sources, by_source)}
@@ -218,6 +221,15 @@ def log_step(m: dict) -> None:
     log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s%s",
              m["step"], m["total_steps"], m["epoch"], m["loss"], m["lr"], m["grad_norm"], m["samples_per_s"],
              m["tokens_per_s"], f" rejected {m['rejected']}" if m["rejected"] else "")
+
+
+def per_rank_digests(digest: str, rank: int, world: int) -> list[str]:
+    """Every rank's 16-hex-digit digest, in rank order (collective). Sent as 32-bit halves in
+    float64, which holds them exactly, through the same all-reduce as the other metrics."""
+    halves = [0.0] * (2 * world)
+    halves[2 * rank], halves[2 * rank + 1] = int(digest[:8], 16), int(digest[8:], 16)
+    summed = _all_reduce(halves)
+    return [f"{int(summed[2 * r]):08x}{int(summed[2 * r + 1]):08x}" for r in range(world)]
 
 
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
