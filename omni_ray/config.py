@@ -436,6 +436,12 @@ class RunConfig(Section):
         description="Where the driver logs metrics: TensorBoard event files in the run directory, MLflow and "
         "W&B (optional extras, configured by their own environment variables).",
     )
+    lease_expiry_s: float = Field(
+        60.0, gt=0, description="One driver per run: it holds a lease on run.storage_path/run.name while it "
+        "trains, and a second driver on the same run stops naming the holder. On S3 the holder renews the lease "
+        "every third of this; one not renewed for this long (its driver died) is taken over. On local disk a "
+        "dead driver's lease is free at once (the OS drops its lock).",
+    )
 
 
 # --- MiniCPM-V's own finetune flags ------------------------------------------------------------

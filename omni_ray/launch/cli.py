@@ -59,12 +59,16 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from omni_ray.launch.driver import train
+    from omni_ray.launch.lease import LeaseHeld
 
     import ray.train
 
     cfg = _config(args)
     try:
         result = train(cfg, verbose=args.verbose)
+    except LeaseHeld as err:  # another driver trains this run: not a bad config, the run is refused
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ray.train.TrainingFailedError as err:
         # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
         print(f"training failed: {err}", file=sys.stderr)

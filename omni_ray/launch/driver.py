@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
+from omni_ray.launch import lease
 from omni_ray.data.packing import check_packing
 from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
@@ -201,16 +202,25 @@ def train(cfg: Config, verbose: bool = False):
     run's metrics (TensorBoard, MLflow, W&B), metrics.jsonl and curves.png (see observe.watch);
     ``verbose`` brings back Ray Train's own per-report output and known-harmless warnings.
     """
+    from omni_ray.observe.console import quiet_driver
+
+    quiet_driver(verbose)
+    checked = validate(cfg)
+    location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
+    # One writer per run: a second driver on this run stops here, naming the holder (LeaseHeld).
+    with lease.acquire(location.uri, cfg.storage, cfg.run.lease_expiry_s):
+        return _train(cfg, checked, location, verbose)
+
+
+def _train(cfg: Config, checked: Validated, location: RunLocation, verbose: bool):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from omni_ray.data.pipeline import build_dataset, count_rows
-    from omni_ray.observe.console import quiet_driver, ray_logging_config
+    from omni_ray.observe.console import ray_logging_config
     from omni_ray.observe.watch import RunWatcher
     from omni_ray.train.loop import train_loop_per_worker
 
-    quiet_driver(verbose)
-    checked = validate(cfg)
     # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
     # have scaled up and every worker has run out of memory.
     log_memory_estimate(cfg, checked)
@@ -218,7 +228,6 @@ def train(cfg: Config, verbose: bool = False):
     asked = wait_for_gpus(cfg.scaling)
     num_rows = count_rows(cfg.data.train, cfg.data, cfg.storage)
     dataset = build_dataset(cfg.data.train, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
-    location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
     trainer = TorchTrainer(
