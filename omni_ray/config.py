@@ -379,6 +379,11 @@ class CheckpointConfig(Section):
     every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; none: at the end.")
     keep: int | None = Field(2, ge=1)
     async_upload: bool = True
+    stop_deadline_s: float = Field(
+        300.0, gt=0, description="After SIGINT/SIGTERM to the driver, how long the workers have to reach the next "
+        "step boundary and write their checkpoint before the driver stops at once (as on a second SIGINT) and "
+        "names the steps that were not saved.",
+    )
     trainable_only: bool | None = Field(
         None, description="Save only trained parameters; default: yes when any parameter is frozen."
     )

@@ -60,6 +60,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from omni_ray.launch.driver import train
     from omni_ray.launch.lease import LeaseHeld
+    from omni_ray.launch.stops import Stopped
 
     import ray.train
 
@@ -69,6 +70,9 @@ def cmd_train(args) -> int:
     except LeaseHeld as err:  # another driver trains this run: not a bad config, the run is refused
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Stopped as err:  # SIGINT/SIGTERM: 130/143, as a shell reports a process ended by the signal
+        print(f"[omni-ray] {err}", file=sys.stderr)
+        return err.exit_code
     except ray.train.TrainingFailedError as err:
         # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
         print(f"training failed: {err}", file=sys.stderr)
