@@ -11,8 +11,10 @@
     omni-ray report RUN [--json]                    config, freeze plan, checkpoints, metrics, where the plots are
 
 The same command is a Ray job driver on a cluster: ``ray job submit -- omni-ray train CFG``.
-Exit codes: 0 success, 1 the run failed, 2 bad config or input (one line on stderr naming the
-key or path and what to do; ``--verbose`` adds the traceback).
+Exit codes: 0 success, 1 the run failed (or another driver holds the run's lease), 2 bad config
+or input (one line on stderr naming the key or path and what to do; ``--verbose`` adds the
+traceback), 130 / 143 stopped by SIGINT / SIGTERM (a checkpoint at the step boundary unless
+stopped at once; the same command resumes).
 """
 
 from __future__ import annotations
@@ -59,20 +61,12 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from omni_ray.launch.driver import train
-    from omni_ray.launch.lease import LeaseHeld
-    from omni_ray.launch.stops import Stopped
 
     import ray.train
 
     cfg = _config(args)
     try:
         result = train(cfg, verbose=args.verbose)
-    except LeaseHeld as err:  # another driver trains this run: not a bad config, the run is refused
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Stopped as err:  # SIGINT/SIGTERM: 130/143, as a shell reports a process ended by the signal
-        print(f"[omni-ray] {err}", file=sys.stderr)
-        return err.exit_code
     except ray.train.TrainingFailedError as err:
         # Never exit 0 on a failed run: a job runner (ray job submit, KubeRay) must see it.
         print(f"training failed: {err}", file=sys.stderr)
@@ -234,8 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     setup_logging(verbose)
+    from omni_ray.launch.lease import LeaseHeld
+    from omni_ray.launch.stops import Stopped
+
     try:
         return args.fn(args)
+    except LeaseHeld as err:  # another driver trains this run: not a bad config, the run is refused
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Stopped as err:  # SIGINT/SIGTERM: 130/143, as a shell reports a process ended by the signal
+        print(f"[omni-ray] {err}", file=sys.stderr)
+        return err.exit_code
     except Exception as err:  # noqa: BLE001 - expected failures become one line and exit 2
         message = user_error(err)
         if message is None or verbose:
