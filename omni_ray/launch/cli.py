@@ -112,8 +112,10 @@ def cmd_data_check(args) -> int:
 
 def cmd_export(args) -> int:
     from omni_ray.export import export
+    from omni_ray.observe.console import quiet_driver
     from omni_ray.storage import StorageConfig
 
+    quiet_driver(args.verbose)  # no weight-loading bars around the one line export prints
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
     print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage,
                  trust_remote_code=args.trust_remote_code))

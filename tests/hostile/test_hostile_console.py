@@ -66,7 +66,10 @@ def test_a_traceback_split_between_batches_is_judged_whole():
     assert kept == REAL_ERROR
 
 
-ACTOR_LINES = "\n".join(TIMEOUT_TRACEBACK + ["omni-ray-console-marker"])
+def actor_lines(tag: str) -> str:
+    """The traceback and a marker, each line ending in ``tag``: Ray holds back a line it printed a
+    moment ago from another process (its log de-duplication), so each round's lines must differ."""
+    return "\n".join(f"{line} {tag}" for line in TIMEOUT_TRACEBACK + ["omni-ray-console-marker"])
 
 
 def test_a_real_actor_s_transient_traceback_stays_in_the_log_file(ray_local, capfd):
@@ -83,7 +86,7 @@ def test_a_real_actor_s_transient_traceback_stays_in_the_log_file(ray_local, cap
     def console_after(verbose: bool) -> tuple[str, int]:
         quiet_worker_logs(verbose)
         actor = Noisy.remote()
-        pid = ray.get(actor.speak.remote(ACTOR_LINES))
+        pid = ray.get(actor.speak.remote(actor_lines("loudly" if verbose else "quietly")))
         deadline, seen = time.monotonic() + 60, ""
         while "omni-ray-console-marker" not in seen and time.monotonic() < deadline:
             time.sleep(0.2)
