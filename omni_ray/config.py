@@ -558,6 +558,11 @@ class CheckpointConfig(Section):
     every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; none: at the end.")
     keep: int | None = Field(2, ge=1)
     async_upload: bool = True
+    stop_deadline_s: float = Field(
+        300.0, gt=0, description="After SIGINT/SIGTERM to the driver, how long the workers have to reach the next "
+        "step boundary and write their checkpoint before the driver stops at once (as on a second SIGINT) and "
+        "names the steps that were not saved.",
+    )
     trainable_only: bool | None = Field(
         None, description="Save only trained parameters; default: yes when any parameter is frozen."
     )
@@ -614,6 +619,12 @@ class RunConfig(Section):
         default_factory=lambda: ["tensorboard"],
         description="Where the driver logs metrics: TensorBoard event files in the run directory, MLflow and "
         "W&B (optional extras, configured by their own environment variables).",
+    )
+    lease_expiry_s: float = Field(
+        60.0, gt=0, description="One driver per run: it holds a lease on run.storage_path/run.name while it "
+        "trains, and a second driver on the same run stops naming the holder. On S3 the holder renews the lease "
+        "every third of this; one not renewed for this long (its driver died) is taken over. On local disk a "
+        "dead driver's lease is free at once (the OS drops its lock).",
     )
 
 
@@ -927,13 +938,44 @@ def map_minicpmv_flags(raw: dict) -> dict:
 # --- loading -------------------------------------------------------------------------------
 
 
+# Bounds on what a config may cost to read. A job config is a few KB, a few levels deep, with a few
+# hundred values; these limits are far above that and far below what hangs or exhausts the loader:
+# YAML aliases can repeat an anchor exponentially ("billion laughs": ten nested aliases of ten
+# make 10^10 values out of 1 KB), which PyYAML builds as shared objects in microseconds but every
+# later walk over the config (validation, dumping) would expand.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SET_BYTES = 64 << 10
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 32
+
+
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys and reads ``1e-4`` as a number.
+    """yaml.SafeLoader that refuses duplicate keys, reads ``1e-4`` as a number, and bounds size.
 
     PyYAML keeps the last of two equal keys without a word, so a second ``lr:`` silently wins;
     and YAML 1.1 reads ``1e-4`` (no dot) as a string, which strict number fields would then
     refuse although everyone writes learning rates that way (YAML 1.2 reads it as a float).
+    Nesting deeper than MAX_YAML_DEPTH is refused while composing (PyYAML's composer recurses:
+    a ``[[[[...`` config would end in RecursionError), and the composed document is measured
+    with its aliases expanded before anything is built from it (``expanded_size``).
     """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ConfigError(_too_deep())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        expanded_size(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -951,6 +993,41 @@ StrictLoader.add_implicit_resolver(
 )
 
 
+def _too_deep() -> str:
+    return (f"nested more than {MAX_YAML_DEPTH} levels deep (the limit on a config's nesting); a config's "
+            "sections are a few levels deep, check for runaway brackets or aliases")
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """Values in a composed YAML document once every alias is expanded; ConfigError past the limits.
+
+    Each node is measured once (memoised), so the cost is that of the text even when the
+    expansion is exponential; an alias inside its own anchor is refused.
+    """
+    memo: dict[int, tuple[int, int] | None] = {}
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:  # (values, height)
+        known = memo.get(id(node), ())
+        if known is None:
+            raise ConfigError(f"line {node.start_mark.line + 1}: an alias refers to the anchor it is inside; "
+                              "YAML aliases must not repeat themselves")
+        if not known:
+            memo[id(node)] = None
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            sizes = [measure(child, depth + 1) for child in children]
+            known = memo[id(node)] = (1 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+        if depth + known[1] > MAX_YAML_DEPTH:
+            raise ConfigError(_too_deep())
+        if known[0] > MAX_YAML_VALUES:
+            raise ConfigError(f"its YAML aliases expand to more than {MAX_YAML_VALUES:,} values (the limit on a "
+                              "config's size once aliases (*name) repeat their anchors (&name)); write the values "
+                              "out, or use fewer nested aliases")
+        return known
+
+    return measure(root, 0)[0]
+
+
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
@@ -959,8 +1036,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """``section.key=value`` → (["section", "key"], value parsed as YAML)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    if len(item.encode()) > MAX_SET_BYTES:
+        raise ConfigError(f"--set {item[:40]!r}...: {len(item.encode()):,} bytes, above the limit of "
+                          f"{MAX_SET_BYTES:,} bytes on one --set; put large values in the config file")
     key, _, value = item.partition("=")
-    return key.strip().split("."), parse_yaml(value) if value.strip() else ""
+    path = key.strip().split(".")
+    if len(path) > MAX_YAML_DEPTH:
+        raise ConfigError(f"--set {key[:40]!r}...: the key is {_too_deep()}")
+    try:
+        return path, parse_yaml(value) if value.strip() else ""
+    except ConfigError as err:
+        raise ConfigError(f"--set {key.strip()}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: not valid YAML ({' '.join(str(err).split())}); quote the "
+                          "value") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -1012,8 +1101,14 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes, above the limit of {MAX_CONFIG_BYTES:,} bytes on a config "
+                              "file; a config names its data and model by path, it does not hold them")
         try:
-            raw = parse_yaml(path.read_text()) or {}
+            raw = parse_yaml(path.read_bytes().decode()) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:

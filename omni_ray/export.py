@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,7 +32,9 @@ def _local_checkpoint(checkpoint: str, storage) -> Path:
 
 
 def _upload_dir(local: Path, out: str, storage) -> None:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+    """Upload an export; its config files go last, so an upload cut short is not a loadable model."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: (p.name.endswith("config.json"), str(p))):
         st.write_bytes(st.join(out, str(path.relative_to(local))), path.read_bytes(), storage)
 
 
@@ -53,27 +58,87 @@ def checkpoint_config(local: Path, trust_remote_code: bool) -> Config:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
 
 
-def _target(out: str) -> Path:
+def _check_out(out: str) -> None:
     if st.is_remote(out):
-        return Path(tempfile.mkdtemp(prefix="omni_ray_out_"))
+        return
     target = Path(out).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
-    return target
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--out {out}: a file is already there; give a new directory (or remove the file)")
+    if target.is_dir() and any(target.iterdir()):
+        raise ExportError(f"--out {out}: the directory already holds files; give a new directory (or empty it), so "
+                          "an export never mixes with what was there")
+
+
+@contextlib.contextmanager
+def _staging(out: str):
+    """A directory to write the export into, removed unless it was published whole.
+
+    Locally it sits beside ``out`` (same filesystem) and is renamed to ``out`` last, so ``out``
+    either does not exist or holds a whole export; a read-only or full parent fails here or
+    while writing, and the partial directory is removed.
+    """
+    if st.is_remote(out):
+        stage = Path(tempfile.mkdtemp(prefix="omni_ray_out_"))
+    else:
+        target = Path(out).expanduser().absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the export from everyone else
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: str, storage) -> None:
+    if st.is_remote(out):
+        _upload_dir(stage, out, storage)
+        return
+    target = Path(out).expanduser()
+    if target.is_dir():
+        target.rmdir()  # empty (checked before the export began); a file put there since fails here
+    os.rename(stage, target)
+
+
+def _manifest_files(local: Path) -> dict:
+    from omni_ray.train.checkpoint import CheckpointError, read_manifest
+
+    try:
+        return dict(read_manifest(local)["files"])
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def export(checkpoint: str, out: str, *, adapter: bool = False, storage: st.StorageConfig | None = None,
            trust_remote_code: bool = False) -> str:
+    """Write ``checkpoint`` as a model (or adapter) directory at ``out``: whole, or not at all.
+
+    The checkpoint must be finished (its manifest written last, every file matching its checksum)
+    and must not change while it is exported; the export is written beside ``out`` and renamed
+    (or uploaded, config files last) only once it is complete.
+    """
+    _check_out(out)
+    local = _local_checkpoint(checkpoint, storage)
+    files = _manifest_files(local)  # a checkpoint still being written has no manifest yet
+    cfg = checkpoint_config(local, trust_remote_code)
+    storage = storage or cfg.storage
+    with _staging(out) as stage:
+        _write_export(local, stage, cfg, adapter, storage, checkpoint)
+        if _manifest_files(local) != files:
+            raise ExportError(f"{checkpoint}: the checkpoint changed while it was exported; export it again once "
+                              "nothing writes to it (a finished checkpoint is never rewritten)")
+        _publish(stage, out, storage)
+    return out
+
+
+def _write_export(local: Path, target: Path, cfg: Config, adapter: bool, storage, checkpoint: str) -> None:
     from omni_ray.models.loading import load_processor, local_model_dir
     from omni_ray.train.checkpoint import CheckpointError, load_trainable, restore_model
 
-    if not st.is_remote(out) and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
-        raise ExportError(f"--out {out}: a file is already there; give a new directory (or remove the file)")
-    local = _local_checkpoint(checkpoint, storage)
-    cfg = checkpoint_config(local, trust_remote_code)
-    storage = storage or cfg.storage
-    target = _target(out)
     try:
-        model, spec, plan = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, storage, local)
+        model, _, plan = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, storage, local)
         tensors = load_trainable(local) if adapter else None
     except CheckpointError as err:
         raise ExportError(str(err)) from None
@@ -88,9 +153,6 @@ def export(checkpoint: str, out: str, *, adapter: bool = False, storage: st.Stor
             model = model.merge_and_unload()
         model.save_pretrained(target)
         load_processor(cfg.model, local_model_dir(cfg.model, storage)).save_pretrained(target)
-    if st.is_remote(out):
-        _upload_dir(target, out, storage)
-    return out
 
 
 def _adapter_model(model_cfg, lora, plan, tensors: dict, storage):

@@ -11,8 +11,10 @@
     omni-ray report RUN [--json]                    config, freeze plan, checkpoints, metrics, where the plots are
 
 The same command is a Ray job driver on a cluster: ``ray job submit -- omni-ray train CFG``.
-Exit codes: 0 success, 1 the run failed, 2 bad config or input (one line on stderr naming the
-key or path and what to do; ``--verbose`` adds the traceback).
+Exit codes: 0 success, 1 the run failed (or another driver holds the run's lease), 2 bad config
+or input (one line on stderr naming the key or path and what to do; ``--verbose`` adds the
+traceback), 130 / 143 stopped by SIGINT / SIGTERM (a checkpoint at the step boundary unless
+stopped at once; the same command resumes).
 """
 
 from __future__ import annotations
@@ -139,8 +141,10 @@ def cmd_data_check(args) -> int:
 
 def cmd_export(args) -> int:
     from omni_ray.export import export
+    from omni_ray.observe.console import quiet_driver
     from omni_ray.storage import StorageConfig
 
+    quiet_driver(args.verbose)  # no weight-loading bars around the one line export prints
     storage = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
     print(export(args.checkpoint, args.out, adapter=args.adapter, storage=storage,
                  trust_remote_code=args.trust_remote_code))
@@ -263,8 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     setup_logging(verbose)
+    from omni_ray.launch.lease import LeaseHeld
+    from omni_ray.launch.stops import Stopped
+
     try:
         return args.fn(args)
+    except LeaseHeld as err:  # another driver trains this run: not a bad config, the run is refused
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Stopped as err:  # SIGINT/SIGTERM: 130/143, as a shell reports a process ended by the signal
+        print(f"[omni-ray] {err}", file=sys.stderr)
+        return err.exit_code
     except Exception as err:  # noqa: BLE001 - expected failures become one line and exit 2
         message = user_error(err)
         if message is None or verbose:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
 from omni_ray.freeze import FreezePlan, plan_freeze
+from omni_ray.launch import lease
+from omni_ray.launch.stops import Stopped, StopNow, Stopper, stopped_message
 from omni_ray.data.packing import check_packing
 from omni_ray.data.pipeline import preprocess_pool
 from omni_ray.models.loading import build_skeleton, named_shapes_from_index, read_hf_config, resolve_spec
@@ -220,17 +222,26 @@ def train(cfg: Config, verbose: bool = False):
     run's metrics (TensorBoard, MLflow, W&B), metrics.jsonl and curves.png (see observe.watch);
     ``verbose`` brings back Ray Train's own per-report output and known-harmless warnings.
     """
+    from omni_ray.observe.console import quiet_driver
+
+    quiet_driver(verbose)
+    checked = validate(cfg)
+    location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
+    # One writer per run: a second driver on this run stops here, naming the holder (LeaseHeld).
+    with lease.acquire(location.uri, cfg.storage, cfg.run.lease_expiry_s):
+        return _train(cfg, checked, location, verbose)
+
+
+def _train(cfg: Config, checked: Validated, location: RunLocation, verbose: bool):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from omni_ray.data.mixture import plan_data
     from omni_ray.data.pipeline import build_dataset
-    from omni_ray.observe.console import quiet_driver, ray_logging_config
+    from omni_ray.observe.console import ray_logging_config
     from omni_ray.observe.watch import RunWatcher
     from omni_ray.train.loop import train_loop_per_worker
 
-    quiet_driver(verbose)
-    checked = validate(cfg)
     # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
     # have scaled up and every worker has run out of memory.
     log_memory_estimate(cfg, checked)
@@ -241,12 +252,13 @@ def train(cfg: Config, verbose: bool = False):
     plan = plan_data(cfg.data, cfg.storage, cfg.train.seed)
     num_rows = plan.rows
     dataset = split_ready(build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers))
-    location = RunLocation.of(cfg.run, cfg.storage)  # the one owner of where the run lives
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
+    forwarder = watcher.callback()  # starts the inbox actor, which also carries a stop request to rank 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows, "run_uri": location.uri},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "num_rows": num_rows, "run_uri": location.uri,
+                           "stop_box": watcher.inbox},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -261,14 +273,24 @@ def train(cfg: Config, verbose: bool = False):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             # Workers get S3 credentials explicitly: on a cluster they do not share the driver's env.
             worker_runtime_env={"env_vars": cfg.storage.worker_env()},
-            callbacks=[watcher.callback()],
+            callbacks=[forwarder],
             logging_config=ray_logging_config(verbose),
         ),
         datasets={"train": dataset},
     )
+    stopper = Stopper(watcher.request_stop, cfg.checkpoint.stop_deadline_s,
+                      say=lambda text: watcher.progress.write(text, is_err=True))
+    at_once = None
     try:
-        with watcher:
-            return trainer.fit()
+        with watcher, stopper:
+            try:
+                result = stopper.run(trainer.fit)
+            except StopNow as err:  # a second signal, or the deadline: the workers end with the driver
+                at_once = err
     finally:
         if asked:
             release_nodes()
+    if stopper.signum is not None:  # after the watcher closed: every report it got is in its history
+        signum = at_once.signum if at_once else stopper.signum
+        raise Stopped(signum, stopped_message(signum, *watcher.saved_and_reported(), at_once and str(at_once)))
+    return result

@@ -40,17 +40,76 @@ NOISE = [
     r"Setting accelerator to CPU", r"Loading weights:", r"Writing model shards:",
     # The driver's own Ray notices: token auth on a local Ray, a deprecation inside our pinned Ray.
     r"Token authentication is enabled", r"Generated new authentication token", r"``concurrency`` is deprecated",
+    # Ray's address auto-detection in its own actors (the state API of Ray Train's placement-group
+    # cleaner) sees every Ray on a shared machine; ours is never chosen that way (address="local").
+    r"Found multiple active Ray instances",
 ]
 _NOISE = re.compile("|".join(f"(?:{p})" for p in NOISE))
+
+# Tracebacks from Ray's own background threads and polls that Ray retries, or that change nothing
+# for the run: a poll of the train controller timing out on a loaded machine, the state API
+# failing to pick one of several local Rays. They stay in Ray's session logs
+# (/tmp/ray/session_latest/logs, the actor's .err file) and on the console with --verbose.
+TRANSIENT = [r"GetTimeoutError", r"Get timed out: some object\(s\) not ready", r"Found multiple active Ray instances",
+             r"RayStateApiException", r"Could not find any running Ray instance"]
+_TRANSIENT = re.compile("|".join(f"(?:{p})" for p in TRANSIENT))
+_BLOCK_START = re.compile(r"^(?:Traceback \(most recent call last\):|Exception in thread )")
+_CHAINED = re.compile(r"^(?:During handling of the above exception|The above exception was the direct cause)")
 
 
 def is_noise(line: str) -> bool:
     return bool(_NOISE.search(line))
 
 
+def _traceback_end(lines: list[str], start: int) -> int | None:
+    """Index after the traceback starting at ``start`` (its exception line, chained ones too); None if cut off."""
+    i = start + 1
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip() or line[0].isspace() or _BLOCK_START.match(line) or _CHAINED.match(line):
+            i += 1
+            continue
+        # The exception line; a chained traceback may follow ("During handling ...") after a blank line.
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        if j < len(lines) and _CHAINED.match(lines[j]):
+            i = j + 1
+            continue
+        return i + 1
+    return None
+
+
+def drop_transient(lines: list[str], held: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """``lines`` without the tracebacks of Ray's transient internal errors; returns (kept, held).
+
+    A traceback cut off at the end of ``lines`` is held back (returned second) so the caller can
+    put it before the next lines of the same process; the caller prints one too long to finish.
+    """
+    lines = [*(held or []), *lines]
+    kept: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not _BLOCK_START.match(lines[i]):
+            kept.append(lines[i])
+            i += 1
+            continue
+        end = _traceback_end(lines, i)
+        if end is None:
+            return kept, lines[i:]
+        if not _TRANSIENT.search("\n".join(lines[i:end])):
+            kept.extend(lines[i:end])
+        i = end
+    return kept, []
+
+
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not is_noise(record.getMessage())
+        if is_noise(record.getMessage()):
+            return False
+        if record.exc_info and record.exc_info[1] is not None:  # logger.exception(...) of a transient error
+            return not _TRANSIENT.search(f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
+        return True
 
 
 
@@ -102,8 +161,14 @@ def quiet_worker_logs(verbose: bool, around: Callable[[], ContextManager] = cont
         dispatcher.add_handler("ray_print_logs", original)
         return False
 
+    held: dict = {}  # per process: a traceback cut off between two batches of its lines
+
     def handler(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        key = (data.get("ip"), data.get("pid"))
+        lines, held[key] = drop_transient(data.get("lines", []), held.pop(key, None))
+        if len(held[key]) > 500:  # not a traceback that ends: print it as it is
+            lines, held[key] = lines + held[key], []
+        lines = [line for line in lines if not is_noise(line)]
         if lines:
             with around():
                 original({**data, "lines": lines})

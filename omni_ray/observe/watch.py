@@ -49,10 +49,15 @@ KEPT = ("step", "total_steps", "epoch", "loss", "eval_loss", "eval_tokens", "lr"
 
 
 class _Inbox:
-    """A tiny actor between Ray Train's controller and the driver (calls run in order)."""
+    """A tiny actor between Ray Train's controller and the driver (calls run in order).
+
+    Reports go one way (controller -> driver); a stop request the other (driver -> rank 0 of
+    the workers, which polls ``stop_requested`` at each step boundary: ``RaySession``).
+    """
 
     def __init__(self):
         self.items: list[dict] = []
+        self.stop = False
 
     def put(self, item: dict) -> None:
         self.items.append(item)
@@ -60,6 +65,12 @@ class _Inbox:
     def drain(self) -> list[dict]:
         items, self.items = self.items, []
         return items
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
 
 class ReportForwarder(ray.train.UserCallback):
@@ -112,6 +123,8 @@ class RunWatcher:
             self._seen_resume = report["resumed_from_step"]
             self.progress.write(f"[omni-ray] resumed from the checkpoint at step {self._seen_resume}")
         if step <= self.last_step:  # re-run after a resume: this step is already in every series
+            if report.get("checkpoint") and self.history and step == int(self.history[-1].get("step", -1)):
+                self._checkpoint_of_last(report["checkpoint"])
             return
         self.progress.update(report)
         if not self.history:
@@ -128,6 +141,16 @@ class RunWatcher:
         # At a checkpoint, or at the one a resumed run re-announces (its own report may have been lost).
         if report.get("checkpoint") or step == report.get("resumed_from_step"):
             self.publish()
+
+    def _checkpoint_of_last(self, checkpoint: str) -> None:
+        """A checkpoint of the step logged last (a clean stop saves after that step's report): noted on
+        its line, so metrics.jsonl keeps one line per step and still says where each checkpoint is."""
+        if self.history[-1].get("checkpoint") == checkpoint:
+            return
+        self.history[-1]["checkpoint"] = checkpoint
+        with open(os.path.join(self.local_dir, HISTORY), "w") as f:
+            f.writelines(json.dumps(record, default=str) + "\n" for record in self.history)
+        self.publish()
 
     def publish(self) -> None:
         """Flush loggers, redraw curves.png, and upload the run's files when the run is on S3."""
@@ -157,6 +180,21 @@ class RunWatcher:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self._inbox = ray.remote(num_cpus=0)(_Inbox).options(scheduling_strategy=here).remote()
         return ReportForwarder(self._inbox)
+
+    @property
+    def inbox(self):
+        """The inbox actor (after ``callback()``): workers poll it for a stop request."""
+        return self._inbox
+
+    def request_stop(self) -> None:
+        """Ask the workers to checkpoint at their next step boundary and end the run."""
+        if self._inbox is not None:
+            self._inbox.request_stop.remote()
+
+    def saved_and_reported(self) -> tuple[int, int]:
+        """(step of the newest checkpoint reported, newest step reported); 0 when none."""
+        saved = max((int(r["step"]) for r in self.history if r.get("checkpoint")), default=0)
+        return saved, self.last_step
 
     def _drain(self) -> None:
         import ray

@@ -48,7 +48,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from omni_ray.train.session import RaySession
 
     setup_logging()
-    run(Config.model_validate(loop_config["config"]), RaySession(), loop_config["num_rows"], loop_config["run_uri"])
+    run(Config.model_validate(loop_config["config"]), RaySession(loop_config.get("stop_box")), loop_config["num_rows"],
+        loop_config["run_uri"])
 
 
 def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict:
@@ -76,6 +77,10 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, batcher.keep_alive, run_uri)
     meter, last = Meter([e.label() for e in cfg.data.entries()], cfg.data.is_mixture()), {}
     while not schedule_done(state.step, state.epoch, total_steps, cfg.train):
+        # The driver got SIGINT/SIGTERM: checkpoint here, between steps, and end (every rank asks at
+        # every boundary and all follow rank 0, so all stop at the same step).
+        if _all_reduce([session.stop_requested()])[0]:
+            return stop_here(session, engine, guard, cfg, state, meter, batches, last, record, total_steps)
         micro = batches.next_step(cfg.train.grad_accum)
         # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
         # after a resume onto another world size) trains on an empty batch until all are done.
@@ -119,6 +124,24 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     return last
 
 
+def stop_here(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, meter: "Meter",
+              batches: EpochBatches, last: dict, record: ckpt.RunRecord, total_steps: int) -> dict:
+    """End the run early with every trained step in a checkpoint; the same command resumes at the next step.
+
+    Steps not yet reported are reported now (so the history has every step's loss); nothing is
+    saved when the newest checkpoint already holds this step, or before the first step.
+    """
+    if meter.results:
+        last = meter.report(state, batches, engine, guard, total_steps, session.device)
+        state.reports.append(last)
+    if state.step > 0 and state.saved_at != state.step:
+        save_checkpoint(session, engine, guard, cfg, state, {**last, "stopped": True}, record, total_steps,
+                        final=True)
+    if session.rank == 0:
+        log.info("stopped at step %d on the driver's request", state.step)
+    return last
+
+
 def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRecord) -> TrainState:
     """Restore the newest whole checkpoint into the engine; the fresh state when there is none.
 
@@ -150,7 +173,7 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
 
 
 def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, metrics: dict,
-                    record: ckpt.RunRecord, total_steps: int) -> None:
+                    record: ckpt.RunRecord, total_steps: int, final: bool = False) -> None:
     """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
@@ -159,8 +182,8 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
                    "rng": {"torch": torch.get_rng_state()}, "reports": state.reports}
     path = ckpt.save(engine, guard.plan, record, cfg.checkpoint, state.step, session.rank, train_state)
     state.reports = []
-    # The last one uploads synchronously so the run ends with it in storage.
-    final = state.step >= total_steps
+    # The last one (the end of the schedule, or a stop) uploads synchronously so the run ends with it in storage.
+    final = final or state.step >= total_steps
     session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
     state.saved_at = state.step
 

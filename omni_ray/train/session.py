@@ -61,6 +61,7 @@ class LocalSession:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    stop: bool = False  # set (a signal handler, a test) to checkpoint at the next step boundary and end
 
     def __post_init__(self):
         import torch.distributed as dist
@@ -91,15 +92,22 @@ class LocalSession:
     def preemption_notice(self) -> bool:
         return False
 
+    def stop_requested(self) -> bool:
+        return self.stop
+
 
 class RaySession:
-    def __init__(self):
+    def __init__(self, stop_box=None):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        # The driver's inbox actor (observe.watch): rank 0 asks it whether the driver got SIGINT/SIGTERM.
+        self.stop_box = stop_box if self.rank == 0 else None
+        self._asked = None
+        self._stop = False
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +135,23 @@ class RaySession:
         import ray.train
 
         return ray.train.get_preemption_info() is not None
+
+    def stop_requested(self) -> bool:
+        """Whether the driver asked to stop (rank 0's view; the loop shares it with every rank).
+
+        Never waits: the question is sent at one step boundary and its answer read at a later
+        one, so a step costs no round trip to the driver's node.
+        """
+        if self.stop_box is None or self._stop:
+            return self._stop
+        import ray
+
+        if self._asked is None:
+            self._asked = self.stop_box.stop_requested.remote()
+        ready, _ = ray.wait([self._asked], timeout=0)
+        if ready:
+            self._stop, self._asked = bool(ray.get(self._asked)), None
+        return self._stop
 
     def latest_checkpoint(self) -> str | None:
         import ray.train
