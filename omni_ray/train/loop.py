@@ -34,7 +34,7 @@ from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
 from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
-from omni_ray.train.guard import FreezeGuard
+from omni_ray.train.guard import FiniteGuard, FreezeGuard
 from omni_ray.train.loss import fast_paths
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
 from omni_ray.train.resume import gather_positions, pick_checkpoint
@@ -59,6 +59,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     total_steps = total_optimizer_steps(cfg.train, num_rows, session.world_size)
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
+    finite = FiniteGuard(engine, cfg.train.max_nonfinite_steps)
     if session.rank == 0:
         log.info("kernels: %s", fast_paths(session.device))
     # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
@@ -87,8 +88,10 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         # to rank, and FSDP2 / ZeRO-3 gather and reduce once per forward and backward.
         (forwards,) = _all_reduce([len(micro)], dist.ReduceOp.MAX)
         micro = micro + [batcher.empty] * (int(forwards) - len(micro))
-        meter.add(train_step(engine, micro, step_tokens, session.world_size, session.device))
+        result = train_step(engine, micro, step_tokens, session.world_size, session.device)
+        meter.add(result)
         state.step += 1
+        finite.after_step(state.step, result.stats)  # a non-finite step was skipped; too many in a row stop
         guard.after_step()
         evaluating = evaluator is not None and evaluator.due(state.step, total_steps)
         if evaluating or should_log(state.step, total_steps, cfg.train.log_every):
@@ -107,14 +110,14 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             notice = session.preemption_notice()
             new_notice, state.under_notice = notice and not state.under_notice, notice
             if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, new_notice):
-                save_checkpoint(session, engine, guard, cfg, state, last, record, total_steps)
+                save_checkpoint(session, engine, (guard, finite), cfg, state, last, record, total_steps)
             else:
                 session.report(last)
     if state.saved_at != state.step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
         last = {**last, "step": state.step, "epoch": state.epoch}
         if evaluator is not None and evaluator.due(state.step, state.step):
             last.update(evaluator(engine, state.step, session.rank, session.world_size, session.device))
-        save_checkpoint(session, engine, guard, cfg, state, last, record, state.step)
+        save_checkpoint(session, engine, (guard, finite), cfg, state, last, record, state.step)
     return last
 
 
@@ -148,9 +151,13 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
     return state
 
 
-def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, metrics: dict,
-                    record: ckpt.RunRecord, total_steps: int) -> None:
-    """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
+def save_checkpoint(session, engine, guards: tuple[FreezeGuard, FiniteGuard], cfg: Config, state: TrainState,
+                    metrics: dict, record: ckpt.RunRecord, total_steps: int) -> None:
+    """Check the frozen weights and that the trained ones are finite, write the checkpoint (collective) and
+    report it to Ray Train."""
+    guard, finite = guards
+    final = state.step >= total_steps
+    finite.before_save(state.step, final)
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
     # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
@@ -159,7 +166,6 @@ def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: Tra
     path = ckpt.save(engine, guard.plan, record, cfg.checkpoint, state.step, session.rank, train_state)
     state.reports = []
     # The last one uploads synchronously so the run ends with it in storage.
-    final = state.step >= total_steps
     session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
     state.saved_at = state.step
 
