@@ -44,9 +44,10 @@ def check(source: str | list[str], data: DataConfig, model: ModelConfig, storage
     kind, uris = resolve_sources(source, storage)
     prepared: dict = {}
     if kind == "prepared":
-        from omni_ray.data.prepare import read_manifest
+        from omni_ray.data.prepare import read_manifest, verify_shard_checksums
 
-        manifest = read_manifest(uris[0], storage)
+        manifest = read_manifest(uris[0], storage)  # every shard there at its size
+        verify_shard_checksums(uris[0], manifest, storage)  # and holding what prepare wrote
         prepared = manifest["counts"]
         duplicates = manifest.get("duplicate_ids", {"count": 0, "examples": []})
     rows = build_dataset(source, data, model, storage).select_columns(STAT_COLUMNS).to_pandas()

@@ -71,17 +71,19 @@ class NonFiniteError(UserError, RuntimeError):
 
 
 class FiniteGuard:
-    """Counts optimizer steps skipped for non-finite gradients; checks the weights before each save.
+    """Counts optimizer steps skipped for non-finite gradients; stops a run that diverged.
 
     The engines skip such a step themselves (``StepStats.skipped``) from the global gradient norm,
-    so every rank sees the same streak and stops at the same step.
+    so every rank sees the same streak and stops at the same step. Weights are checked before
+    every save by :func:`check_finite_weights` (``train.checkpoint.save``).
     """
 
-    def __init__(self, engine: Strategy, max_nonfinite_steps: int):
-        self.engine, self.limit = engine, max_nonfinite_steps
+    def __init__(self, max_nonfinite_steps: int):
+        self.limit = max_nonfinite_steps
         self.streak, self.first_bad, self.applied = 0, 0, 0
 
-    def after_step(self, step: int, stats: StepStats) -> None:
+    def after_step(self, step: int, stats: StepStats, last: bool = False) -> None:
+        """Raise past ``limit`` non-finite steps in a row, or at the ``last`` step when none was applied."""
         if not (stats.skipped or not math.isfinite(stats.grad_norm)):
             self.streak, self.applied = 0, self.applied + 1
             return
@@ -91,19 +93,21 @@ class FiniteGuard:
             raise NonFiniteError(
                 f"train.max_nonfinite_steps: stopped at step {step}: {self.streak} optimizer steps in a row (steps "
                 f"{self.first_bad}-{step}) had gradients that are not finite (grad norm {stats.grad_norm}); each was "
-                f"skipped, the run diverged: lower train.lr, use train.precision: bf16 or fp32 instead of fp16, or raise "
-                f"train.max_nonfinite_steps (now {self.limit}). The checkpoints before step {self.first_bad} are whole")
-
-    def before_save(self, step: int, final: bool) -> None:
-        """Refuse (every rank) to save weights that are not finite, or a final state no step ever changed. Collective."""
-        bad = any(not bool(torch.isfinite(t).all()) for t in self.engine.local_trained_tensors())
-        if any_rank(bad):
-            raise NonFiniteError(
-                f"step {step}: trained weights hold NaN or inf ({'on this rank' if bad else 'on another rank'}), so "
-                "no checkpoint is written for this step; the run diverged: lower train.lr or train.max_grad_norm, or use "
-                "train.precision: bf16 or fp32; the earlier checkpoints are whole")
-        if final and step > 0 and self.applied == 0 and self.streak:
+                f"skipped, the run diverged: lower train.lr, use train.precision: bf16 or fp32 instead of fp16, or "
+                f"raise train.max_nonfinite_steps (now {self.limit}). The checkpoints before step {self.first_bad} "
+                "are whole")
+        if last and self.applied == 0:
             raise NonFiniteError(
                 f"step {step}: all {self.streak} optimizer steps since step {self.first_bad} were skipped for non-finite "
                 "gradients, so nothing was trained and no checkpoint is written: lower train.lr, or use "
                 "train.precision: bf16 or fp32 instead of fp16")
+
+
+def check_finite_weights(engine: Strategy, step: int) -> None:
+    """Raise on every rank if any rank's trained weights hold NaN or inf (collective; before a save)."""
+    bad = any(not bool(torch.isfinite(t).all()) for t in engine.local_trained_tensors())
+    if any_rank(bad):
+        raise NonFiniteError(
+            f"step {step}: trained weights hold NaN or inf ({'on this rank' if bad else 'on another rank'}), so no "
+            "checkpoint is written for this step; the run diverged: lower train.lr or train.max_grad_norm, or use "
+            "train.precision: bf16 or fp32; the earlier checkpoints are whole")

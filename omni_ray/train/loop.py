@@ -59,13 +59,13 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     total_steps = total_optimizer_steps(cfg.train, num_rows, session.world_size)
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
-    finite = FiniteGuard(engine, cfg.train.max_nonfinite_steps)
+    finite = FiniteGuard(cfg.train.max_nonfinite_steps)
     if session.rank == 0:
         log.info("kernels: %s", fast_paths(session.device))
     # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
     # recorded in every checkpoint, compared on resume.
     record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg),
-                             ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora))
+                             ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora), run_uri)
     state = resume(session, engine, run_uri, cfg, record)
     if state.reports:  # the resumed checkpoint's reports once more: the driver logs those it never got
         session.report({"step": state.step, "resumed_from_step": state.step, "replayed": state.reports})
@@ -91,7 +91,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         result = train_step(engine, micro, step_tokens, session.world_size, session.device)
         meter.add(result)
         state.step += 1
-        finite.after_step(state.step, result.stats)  # a non-finite step was skipped; too many in a row stop
+        # A non-finite step was skipped; too many in a row, or a run that applied none, stop here.
+        finite.after_step(state.step, result.stats, last=schedule_done(state.step, state.epoch, total_steps, cfg.train))
         guard.after_step()
         evaluating = evaluator is not None and evaluator.due(state.step, total_steps)
         if evaluating or should_log(state.step, total_steps, cfg.train.log_every):
@@ -110,14 +111,14 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             notice = session.preemption_notice()
             new_notice, state.under_notice = notice and not state.under_notice, notice
             if checkpoint_due(state.step, total_steps, cfg.checkpoint.every_n_steps, new_notice):
-                save_checkpoint(session, engine, (guard, finite), cfg, state, last, record, total_steps)
+                save_checkpoint(session, engine, guard, cfg, state, last, record, total_steps)
             else:
                 session.report(last)
     if state.saved_at != state.step:  # the epochs ran out before total_steps (rejected rows, ragged ends)
         last = {**last, "step": state.step, "epoch": state.epoch}
         if evaluator is not None and evaluator.due(state.step, state.step):
             last.update(evaluator(engine, state.step, session.rank, session.world_size, session.device))
-        save_checkpoint(session, engine, (guard, finite), cfg, state, last, record, state.step)
+        save_checkpoint(session, engine, guard, cfg, state, last, record, state.step)
     return last
 
 
@@ -151,13 +152,9 @@ def resume(session, engine, run_uri: str | None, cfg: Config, record: ckpt.RunRe
     return state
 
 
-def save_checkpoint(session, engine, guards: tuple[FreezeGuard, FiniteGuard], cfg: Config, state: TrainState,
-                    metrics: dict, record: ckpt.RunRecord, total_steps: int) -> None:
-    """Check the frozen weights and that the trained ones are finite, write the checkpoint (collective) and
-    report it to Ray Train."""
-    guard, finite = guards
-    final = state.step >= total_steps
-    finite.before_save(state.step, final)
+def save_checkpoint(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, metrics: dict,
+                    record: ckpt.RunRecord, total_steps: int) -> None:
+    """Check the frozen weights, write the checkpoint (collective) and report it to Ray Train."""
     guard.check_frozen()
     metrics["frozen_unchanged"] = True  # check_frozen raised otherwise
     # The data position: a compact set of row positions, not ids (a 10M-row epoch is a few bytes).
@@ -166,6 +163,7 @@ def save_checkpoint(session, engine, guards: tuple[FreezeGuard, FiniteGuard], cf
     path = ckpt.save(engine, guard.plan, record, cfg.checkpoint, state.step, session.rank, train_state)
     state.reports = []
     # The last one uploads synchronously so the run ends with it in storage.
+    final = state.step >= total_steps
     session.report(metrics, checkpoint_dir=path, async_upload=cfg.checkpoint.async_upload and not final)
     state.saved_at = state.step
 

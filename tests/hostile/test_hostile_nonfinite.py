@@ -95,7 +95,7 @@ def test_nan_weights_are_never_saved(setup, strategy, monkeypatch):
     real step, writes a NaN into this rank's master weights of the real engine, and saves again.
     """
     from omni_ray.train import loop
-    from omni_ray.train.guard import FiniteGuard
+    from omni_ray.train.guard import check_finite_weights
 
     model, data, tmp, rows = setup
     engines, build = [], loop.build_strategy
@@ -107,13 +107,10 @@ def test_nan_weights_are_never_saved(setup, strategy, monkeypatch):
     with torch.no_grad():
         engine.local_trained_tensors()[0].view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match="step 1: trained weights hold NaN or inf"):
-        FiniteGuard(engine, 25).before_save(1, final=True)
-    # Through the loop's own save: refused before anything else (the freeze check is never reached).
-    reports = len(session.reports)
-    with pytest.raises(NonFiniteError):
-        loop.save_checkpoint(session, engine, (None, FiniteGuard(engine, 25)), cfg,
-                             loop.TrainState(step=1), {}, None, 1)
-    assert len(session.reports) == reports
+        check_finite_weights(engine, 1)
+    # The checkpoint writer checks first, before it makes a directory or gathers anything.
+    with pytest.raises(NonFiniteError, match="step 2: trained weights hold NaN or inf"):
+        ckpt.save(engine, None, None, cfg.checkpoint, 2, 0, {})
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
