@@ -92,9 +92,9 @@ def tiff_huge_dims(side: int = 100000) -> bytes:
     ifd = struct.unpack(order + "I", data[4:8])[0]
     for n in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
         entry = ifd + 2 + 12 * n
-        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
-        if tag in (256, 257):
-            data[entry + 2:entry + 4] = struct.pack(order + "H", 4)  # LONG
+        (tag,) = struct.unpack(order + "H", data[entry:entry + 2])
+        if tag in (256, 257):  # ImageWidth, ImageLength: retyped as LONG to hold any value
+            data[entry + 2:entry + 4] = struct.pack(order + "H", 4)
             data[entry + 8:entry + 12] = struct.pack(order + "I", side)
     return bytes(data)
 
