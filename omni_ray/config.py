@@ -417,6 +417,11 @@ class TrainConfig(Section):
     eval_every: int | None = Field(
         None, ge=1, description="Evaluate on data.eval every N optimizer steps (and at the end); none: only at the end."
     )
+    max_nonfinite_steps: int = Field(
+        25, ge=0, description="Most optimizer steps in a row whose gradients are not finite (NaN/inf: a diverged "
+        "loss, an fp16 overflow) before the run stops naming the step. Such a step is skipped (weights untouched) and "
+        "counted as skipped_steps; 25 leaves room for fp16's loss scale to come down from 2**16."
+    )
 
     @property
     def betas(self) -> tuple[float, float]:

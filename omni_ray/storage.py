@@ -351,6 +351,12 @@ def list_files(prefix_uri: str, storage: Optional[StorageConfig] = None) -> list
     return [rel for rel, _ in _walk(fs, root)]
 
 
+def list_file_infos(prefix_uri: str, storage: Optional[StorageConfig] = None) -> list[tuple[str, pafs.FileInfo]]:
+    """(relative path, pyarrow FileInfo with size) of all files under a prefix, sorted; one listing."""
+    fs, root = resolve(prefix_uri, storage)
+    return _walk(fs, root)
+
+
 def _walk(fs: pafs.FileSystem, root: str) -> list[tuple[str, pafs.FileInfo]]:
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     out = []

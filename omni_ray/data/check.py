@@ -73,9 +73,12 @@ def _manifest(source, storage) -> dict | None:
     """A prepared source's manifest (counts and repeated ids of ``data prepare``), else None."""
     if not source.units or source.units[0].form != "prepared":
         return None
-    from omni_ray.data.prepare import read_manifest
+    from omni_ray.data.prepare import read_manifest, verify_shard_checksums
 
-    return read_manifest(posixpath.dirname(source.units[0].uri), storage)
+    prefix = posixpath.dirname(source.units[0].uri)
+    manifest = read_manifest(prefix, storage)  # every shard there at its size
+    verify_shard_checksums(prefix, manifest, storage)  # and holding what prepare wrote
+    return manifest
 
 
 def _counts(rows, prepared: dict, examples_per_reason: int) -> dict:

@@ -28,7 +28,15 @@ F (32-bit float)  ``unsupported_image_mode``: floats (depth maps, HDR) have no c
 anything else     ``unsupported_image_mode`` unless PIL converts it to RGB directly
 ================  ==============================================================
 
-Multi-frame files (GIF, APNG, TIFF stacks) contribute their first frame. EXIF orientation
+Multi-frame files (GIF, APNG, TIFF stacks) contribute their first frame; one with more than
+``max_frames`` frames is a ``decompression_bomb`` (10,000 frames of a few bytes each decode to
+thousands of full images for whatever reads past the first).
+
+Hostile files cost a bounded amount: the pixel limit and the frame count are read from the
+header before any pixel is decoded; PIL caps each PNG text/ICC chunk at ``MAX_TEXT_CHUNK`` (1 MB)
+decompressed and all of them at ``MAX_TEXT_MEMORY`` (64 MB), reported as ``decompression_bomb``;
+a cut-off file is ``truncated_image``. ``tests/hostile/test_hostile_images.py`` measures the
+peak memory of a preprocessing actor fed such files. EXIF orientation
 is not applied, matching Hugging Face image processors, so training sees what inference
 sees. ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set: a cut-off file is rejected, not
 padded with grey.
@@ -53,6 +61,7 @@ from omni_ray.data.errors import DataError
 from omni_ray.storage import StorageConfig
 
 __all__ = [
+    "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "check_confined",
@@ -66,6 +75,8 @@ __all__ = [
 
 #: Same default as PIL's ``Image.MAX_IMAGE_PIXELS`` (about 9458 x 9458).
 DEFAULT_MAX_PIXELS = 89_478_485
+#: Most frames a multi-frame image may have (only the first is trained on).
+DEFAULT_MAX_FRAMES = 1000
 #: ``data.max_image_bytes``'s default: far above any photo, far below what would hurt a worker.
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_READ_TIMEOUT_S = 60.0
@@ -118,6 +129,10 @@ def decode_image_info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
             f"image is {width}x{height} = {width * height} pixels, above max_pixels="
             f"{max_pixels}; downscale it or raise the limit",
         )
+    frames = _frame_count(im)
+    if frames > DEFAULT_MAX_FRAMES:
+        raise DataError("decompression_bomb", f"{im.format} image has {frames} frames, above {DEFAULT_MAX_FRAMES}; "
+                        "only the first is trained on: save that frame as the image")
     _load(im)
     source_format, source_mode = im.format, im.mode
     rgb, converted = _to_rgb(im)
@@ -141,6 +156,14 @@ def _open(data: bytes) -> Image.Image:
         raise _load_error(e) from e
 
 
+def _frame_count(im: Image.Image) -> int:
+    """Frames in the file, from its header or a walk over frame headers (no pixel is decoded)."""
+    try:
+        return int(getattr(im, "n_frames", 1))
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise _load_error(e) from e
+
+
 def _load(im: Image.Image) -> None:
     try:
         with warnings.catch_warnings():
@@ -154,6 +177,9 @@ def _load(im: Image.Image) -> None:
 
 def _load_error(e: BaseException) -> DataError:
     message = str(e) or type(e).__name__
+    if "MAX_TEXT_CHUNK" in message or "text chunks" in message:  # PIL's caps on PNG zTXt/iTXt/iCCP chunks
+        return DataError("decompression_bomb", f"a PNG text or ICC profile chunk decompresses past PIL's limit "
+                         f"({message}); strip the metadata from the file")
     if isinstance(e, EOFError) or "truncated" in message.lower():
         return DataError("truncated_image", f"image data ends early: {message}")
     return DataError("corrupt_image", f"image data cannot be decoded: {message}")

@@ -30,7 +30,8 @@ class StepStats:
     """What one optimizer step reports, with one meaning in every engine.
 
     ``grad_norm``: the global L2 norm of the trainable gradients before clipping.
-    ``skipped``: this step's update was skipped (fp16 overflow).
+    ``skipped``: this step's update was skipped: its gradients were not finite (an fp16 overflow, a
+    diverged loss), so weights, optimizer state and schedule were left as they were.
     ``skipped_total``: steps skipped since the run started (restored on resume).
     """
 
@@ -102,6 +103,10 @@ class Strategy(ABC):
     @abstractmethod
     def load_state(self, state: dict) -> None:
         """Restore what ``save_state`` wrote (either engine's). Every rank, after ``setup_optimizer``."""
+
+    @abstractmethod
+    def local_trained_tensors(self) -> list[torch.Tensor]:
+        """This rank's part of the tensors the optimizer updates (its master weights), as stored."""
 
     def storage_dtype(self, param) -> torch.dtype:
         """The dtype this engine keeps ``param`` in: a trained one's master weights, a frozen one's tensor."""

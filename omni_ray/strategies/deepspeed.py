@@ -290,6 +290,10 @@ class DeepSpeedStrategy(Strategy):
         self.skipped_total += int(skipped)
         return StepStats(norm, skipped, self.skipped_total)
 
+    def local_trained_tensors(self) -> list[torch.Tensor]:
+        """ZeRO's flat fp32 master partitions on this rank (what the torch optimizer steps)."""
+        return [p for group in self.torch_optimizer.param_groups for p in group["params"]]
+
     def zero_grad(self) -> None:
         pass  # the engine zeroes gradients in step(); module .grad stays None under ZeRO-2/3
 

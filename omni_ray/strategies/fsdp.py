@@ -14,6 +14,8 @@ ones, already in the compute dtype, as they are (an all-gather of one dtype).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from omni_ray.config import StrategyConfig, TrainConfig
@@ -83,24 +85,35 @@ class FSDPStrategy(Strategy):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> StepStats:
-        """Clip, step, advance the schedule; an fp16 step whose gradients overflowed is skipped."""
+        """Clip, step, advance the schedule; a step whose gradients are not finite is skipped.
+
+        The gradient norm is global (all ranks), so every rank makes the same decision. Under fp16
+        the scaler skips an overflowed step and lowers its scale; otherwise a NaN/inf norm (a
+        diverged loss) skips the update here. As in DeepSpeed, a skipped step leaves the weights,
+        the optimizer state and the schedule as they were.
+        """
         params = self.optimizer_params
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.train.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        skipped = False
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if self.scaler:
             before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = self.scaler.get_scale() < before
         else:
-            self.optimizer.step()
-        self.scheduler.step()
+            skipped = not math.isfinite(norm)
+            if not skipped:
+                self.optimizer.step()
+        if not skipped:
+            self.scheduler.step()
         self.skipped_total += int(skipped)
-        return StepStats(float(norm), skipped, self.skipped_total)
+        return StepStats(norm, skipped, self.skipped_total)
+
+    def local_trained_tensors(self) -> list[torch.Tensor]:
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.optimizer_params]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

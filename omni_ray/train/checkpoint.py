@@ -19,12 +19,14 @@ checkpoint whose identity differs from the current run's, naming the changed key
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -186,10 +188,12 @@ class RunRecord:
     base_model: str  # model.path as configured
     config_text: str  # the run's config.yaml (the config forbids secrets, so it carries none)
     identity: dict
+    run_uri: str | None = None  # where Ray Train copies each checkpoint (run.storage_path/run.name)
 
 
-def run_record(run: RunConfig, model: ModelConfig, config_text: str, identity: dict) -> RunRecord:
-    return RunRecord(run.name, model.path, config_text, identity)
+def run_record(run: RunConfig, model: ModelConfig, config_text: str, identity: dict,
+               run_uri: str | None = None) -> RunRecord:
+    return RunRecord(run.name, model.path, config_text, identity, run_uri)
 
 
 def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointConfig, step: int, rank: int,
@@ -212,13 +216,79 @@ def save(strategy, plan: FreezePlan, record: RunRecord, checkpoint: CheckpointCo
 
     Rank 0 adds the scheduler/RNG/data position (``train_state.pt``), the config, the run's
     identity, and ``manifest.json`` with every file's checksum, last.
+
+    Refused before anything is kept: trained weights holding NaN or inf (every rank checks its
+    part), a full disk while writing (the partial directory is removed; the error names the path
+    and the bytes), and a local ``run_uri`` without room for the checkpoint Ray Train copies there.
     """
+    from omni_ray.train.guard import check_finite_weights
+
+    check_finite_weights(strategy, step)
     trainable_only = checkpoint.trainable_only
     if trainable_only is None:  # default: save what trains when anything is frozen
         trainable_only = bool(plan.frozen_names)
+    path = None
     sharded = strategy.supports_sharded_checkpoint and (not trainable_only or strategy.shards_trainable_only)
     if sharded or rank == 0:
         path = Path(tempfile.mkdtemp(prefix=f"omni_ray_{record.run_name}_step{step:07d}_r{rank}_"))
+    try:
+        written = _write(strategy, record, step, rank, train_state, path, sharded, trainable_only)
+    except Exception as err:
+        # torch.save reports a full disk as "unexpected pos", safetensors in its own error type: a
+        # filesystem left with (almost) nothing free is the sign, checked before the cleanup.
+        full = getattr(err, "errno", None) == errno.ENOSPC or (path is not None and _free_bytes(path) < 1 << 20)
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        if not full:
+            raise
+        needed = 3 * sum(t.numel() * t.element_size() for t in strategy.local_trained_tensors())
+        raise CheckpointError(
+            f"{path}: no space left on device while writing the checkpoint of step {step}: it needs about {needed} "
+            f"bytes (trained weights and Adam's two moments), {_free_bytes(path)} are free; free space there or "
+            "point TMPDIR at a larger disk. The run's earlier checkpoints are whole") from None
+    _check_room(record.run_uri, written, step)
+    return written
+
+
+def _free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _dir_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _check_room(run_uri: str | None, written: str | None, step: int) -> None:
+    """Refuse on every rank when a local run directory cannot hold what a rank is about to copy there (collective).
+
+    Ray Train copies each rank's directory into ``run_uri`` when it is reported; a copy that runs
+    out of space would leave a partial checkpoint there (never resumed from: ``find_latest``
+    checks every file's checksum), so a run that cannot fit stops before the copy, naming the
+    path and the bytes. S3 has no such limit."""
+    from omni_ray import storage as st
+    from omni_ray.train.guard import any_rank
+
+    problem = None
+    if run_uri and not st.is_remote(run_uri) and written:
+        needed, free = _dir_bytes(written), _free_bytes(run_uri)
+        if needed > free:
+            problem = (f"run.storage_path: {run_uri} has {free} bytes free, the checkpoint of step {step} needs "
+                       f"{needed}: free space there or set run.storage_path to a larger disk (or s3://...); the run's "
+                       "earlier checkpoints are whole and the same command resumes from the newest")
+    if any_rank(problem is not None):
+        if written:
+            shutil.rmtree(written, ignore_errors=True)
+        raise CheckpointError(problem or f"run.storage_path: {run_uri}: no room for another rank's part of the "
+                              f"checkpoint of step {step}; see that rank's error")
+
+
+def _write(strategy, record: RunRecord, step: int, rank: int, train_state: dict, path: Path | None, sharded: bool,
+           trainable_only: bool) -> str | None:
+    """Write this rank's part of the checkpoint into ``path`` (collective); the manifest last, on rank 0."""
     if sharded:
         strategy.save_sharded(str(path), trainable_only)
         engine_state = strategy.save_state(rank, include_optimizer=False)
@@ -472,7 +542,14 @@ def find_latest(run_uri: str, storage: StorageConfig | None = None) -> tuple[int
             unfinished.append(directory)
             continue
         uri = st.join(run_uri, directory)
-        manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), storage))
+        try:
+            manifest = json.loads(st.read_bytes(st.join(uri, MANIFEST), storage))
+        except ValueError:
+            manifest = None
+        if not (isinstance(manifest, dict) and "step" in manifest and "files" in manifest):
+            # A copy cut short (a full disk, a lost node) can leave the manifest itself empty or partial.
+            unfinished.append(directory)
+            continue
         # Uploads copy files in no fixed order: a manifest whose files did not all arrive
         # marks an interrupted upload, not a checkpoint.
         if not all(f"{directory}/{name}" in present for name in manifest["files"]):

@@ -34,7 +34,7 @@ from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
 from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
-from omni_ray.train.guard import FreezeGuard
+from omni_ray.train.guard import FiniteGuard, FreezeGuard
 from omni_ray.train.loss import fast_paths
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
 from omni_ray.train.resume import gather_positions, pick_checkpoint
@@ -60,12 +60,13 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     total_steps = total_optimizer_steps(cfg.train, num_rows, session.world_size)
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
+    finite = FiniteGuard(cfg.train.max_nonfinite_steps)
     if session.rank == 0:
         log.info("kernels: %s", fast_paths(session.device))
     # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
     # recorded in every checkpoint, compared on resume.
     record = ckpt.run_record(cfg.run, cfg.model, dump_config(cfg),
-                             ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora))
+                             ckpt.run_identity(built.local_dir, built.spec.name, built.plan, cfg.lora), run_uri)
     state = resume(session, engine, run_uri, cfg, record)
     if state.reports:  # the resumed checkpoint's reports once more: the driver logs those it never got
         session.report({"step": state.step, "resumed_from_step": state.step, "replayed": state.reports})
@@ -92,8 +93,11 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         # to rank, and FSDP2 / ZeRO-3 gather and reduce once per forward and backward.
         (forwards,) = _all_reduce([len(micro)], dist.ReduceOp.MAX)
         micro = micro + [batcher.empty] * (int(forwards) - len(micro))
-        meter.add(train_step(engine, micro, step_tokens, session.world_size, session.device))
+        result = train_step(engine, micro, step_tokens, session.world_size, session.device)
+        meter.add(result)
         state.step += 1
+        # A non-finite step was skipped; too many in a row, or a run that applied none, stop here.
+        finite.after_step(state.step, result.stats, last=schedule_done(state.step, state.epoch, total_steps, cfg.train))
         guard.after_step()
         evaluating = evaluator is not None and evaluator.due(state.step, total_steps)
         if evaluating or should_log(state.step, total_steps, cfg.train.log_every):
