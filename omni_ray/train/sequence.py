@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -73,8 +73,6 @@ class _Forward:
     """[B, T] bool: real tokens (None: every position is real)."""
     segments: torch.Tensor | None = None
     """[B, T] sample index within a packed row (None: one sample per row)."""
-    varlen: dict = field(default_factory=dict)
-    """Whole-sequence flash-attention kwargs (cu_seq_lens_q, ...) of a packed row."""
     mask: torch.Tensor | None = None
 
 
@@ -213,13 +211,8 @@ def _split_inputs(fwd: _Forward, inputs_embeds: torch.Tensor, position_ids: torc
         valid = torch.ones(b, t, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None \
             else attention_mask.bool()
         fwd.key_valid = _pad_to(valid, length, False)
-    fwd.varlen = {k: kwargs.pop(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-                  if k in kwargs}
-    if packed and length > t and fwd.varlen:
-        cu = fwd.varlen["cu_seq_lens_q"]
-        cu = torch.cat([cu, cu.new_full((1,), length)])
-        longest = max(int(fwd.varlen["max_length_q"]), length - t)
-        fwd.varlen = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):  # this rank's would be wrong
+        kwargs.pop(key, None)  # the segments above say the same for the whole sequence
     fwd.seq_len = length
     start, end = shard_bounds(length, fwd.sp)
     embeds = _pad_to(inputs_embeds, length, 0.0)[:, start:end]
@@ -272,15 +265,13 @@ def _whole_mask(fwd: _Forward, device: torch.device) -> torch.Tensor | None:
     return fwd.mask
 
 
-def _inner_attention(module, inner: str, q, k, v, fwd: _Forward, dropout: float, scaling: float | None):
-    """Attention over the whole sequence for this rank's heads: [B, H/N, T, D] -> [B, T, H/N, D]."""
-    if inner.startswith("flash"):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def _inner_attention(q, k, v, fwd: _Forward, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Attention over the whole sequence for this rank's heads: [B, H/N, T, D] -> [B, T, H/N, D].
 
-        mask2d = None if fwd.key_valid is None or fwd.segments is not None else fwd.key_valid
-        out, _ = ALL_ATTENTION_FUNCTIONS[inner](module, q, k, v, mask2d, dropout=dropout, scaling=scaling,
-                                                **fwd.varlen)
-        return out
+    PyTorch's sdpa whatever the model's own implementation: plain causal (its flash kernel on
+    GPU) unless the row is packed or padded, then with the whole sequence's boolean mask
+    ([B, 1, T, T]: 256 MiB per row at 16k tokens). flash-attention varlen here is not done yet.
+    """
     if k.shape[1] != q.shape[1]:  # grouped key/value heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -305,7 +296,7 @@ def _ulysses(inner: str):
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
         q, k, v = (SeqToHeads.apply(x, sp) for x in (query, key, value))
-        out = _inner_attention(module, inner, q, k, v, fwd, dropout, scaling)  # [B, T, H/N, D]
+        out = _inner_attention(q, k, v, fwd, dropout, scaling)  # [B, T, H/N, D]
         out = HeadsToSeq.apply(out.transpose(1, 2), sp)  # [B, H, T/N, D]
         return out.transpose(1, 2).contiguous(), None
 
