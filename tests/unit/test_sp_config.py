@@ -94,3 +94,16 @@ def test_targets_are_shifted_before_the_split():
     labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3]])
     assert next_token_targets(labels).tolist() == [[1, 2, 3, IGNORE_INDEX]]
     assert [shard_bounds(8, SPGroup(r, 2)) for r in range(2)] == [(0, 4), (4, 8)]
+
+
+def test_validate_refuses_n_above_one_until_the_loop_runs_it(tmp_path):
+    """`omni-ray validate`'s own check, on a real tiny checkpoint of the supported architecture; N=1 validates."""
+    from omni_ray.launch.driver import validate
+    from omni_ray.models.tiny import build_tiny
+
+    arch = "qwen2_5_vl"
+    path = str(build_tiny(arch, tmp_path / arch))
+    cfg = {"model": {"path": path}, "data": {"train": "/d.jsonl"}, "scaling": {"num_workers": 2}}
+    assert validate(load_config(cfg)).spec.name == arch
+    with pytest.raises(ConfigError, match="training loop does not run sequence parallelism yet"):
+        validate(load_config({**cfg, "strategy": {"sequence_parallel": 2}}))
