@@ -537,6 +537,10 @@ class StrategyConfig(Section):
     offload_optimizer: bool = False
     offload_params: bool = False
     reshard_after_forward: bool = True
+    sequence_parallel: int = Field(
+        1, ge=1, description="Ranks that split each sample's tokens between them (Ulysses sequence parallelism, "
+        "for samples too long for one GPU); divides scaling.num_workers. See README, Sequence parallelism."
+    )
     deepspeed_extra: dict[str, Any] = Field(
         default_factory=dict, description="Extra DeepSpeed config keys, merged over the generated config."
     )
@@ -787,6 +791,28 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _sequence_parallel_fits(self) -> "Config":
+        problem = sequence_parallel_problem(self.strategy, self.scaling.num_workers)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def sequence_parallel_problem(strategy: StrategyConfig, num_workers: int) -> str | None:
+    """Why ``strategy.sequence_parallel`` cannot run on this strategy and world size, or None (pure)."""
+    n = strategy.sequence_parallel
+    if n == 1:
+        return None
+    if strategy.name == "deepspeed":
+        return (f"strategy.sequence_parallel: {n} is not supported with strategy.name: deepspeed; set "
+                "strategy.name: fsdp, or strategy.sequence_parallel: 1")
+    if num_workers % n:
+        fits = [d for d in range(2, num_workers + 1) if num_workers % d == 0]
+        return (f"strategy.sequence_parallel: {n} does not divide scaling.num_workers ({num_workers}): the world is "
+                f"data-parallel groups x sequence-parallel ranks; set strategy.sequence_parallel to one of "
+                f"{fits or [1]} or scaling.num_workers to a multiple of {n}")
+    return None
 
 
 def frozen_group_problems(freeze: FreezeConfig, lora: LoraConfig) -> list[str]:

@@ -25,6 +25,7 @@ from omni_ray.models.processor_check import check_processor_kwargs
 from omni_ray.models.spec import ModelSpec
 from omni_ray.observe.loggers import check_loggers
 from omni_ray.storage import RunLocation, StorageConfig
+from omni_ray.train.sequence import check_sequence_parallel
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def validate(cfg: Config) -> Validated:
     plan = plan_freeze(named_shapes, spec, cfg.freeze, cfg.lora, cfg.train.lr)
     check_loggers(cfg.run.loggers)
     check_packing(spec.name, cfg.data.packing)
+    check_sequence_parallel(cfg.strategy.sequence_parallel, spec, hf_config)
     if cfg.train.eval_every and not cfg.data.eval:
         raise ConfigError("train.eval_every: set, but data.eval is not; point data.eval at a JSON/JSONL file or a "
                           "prepared prefix (same formats as data.train), or remove train.eval_every")

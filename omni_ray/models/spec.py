@@ -30,6 +30,11 @@ class ModelSpec:
     """Processor outputs that carry image (or video) data -> the dim along which a batch concatenates them."""
     remote_code: bool = False
     """Loaded through the checkpoint's own code (requires model.trust_remote_code)."""
+    sequence_parallel: bool = False
+    """``strategy.sequence_parallel`` > 1 is supported: omni_ray.train.sequence's hooks were checked
+    against this architecture (N ranks give the loss and gradients of one, tests/dist)."""
+    sequence_parallel_blocker: str = ""
+    """Why not, when there is a reason beyond "not checked yet" (shown at validate)."""
     config_from_processor: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """``model.processor`` keys that change the model as well as the processor -> allowed values.
     They are passed to the model's config too, so both sides agree (MiniCPM-V's downsample_mode)."""
@@ -105,6 +110,8 @@ def _native_minicpmv(name: str, version: str) -> ModelSpec:
         # "4x" skips the ViT's insert merger: 4x the image tokens (the model card's finer-detail
         # option). The processor counts tokens and the model merges patches by this one setting.
         config_from_processor={"downsample_mode": ("16x", "4x")},
+        sequence_parallel_blocker="its Gated DeltaNet (linear-attention) layers carry a recurrent and a conv state "
+        "along the sequence, and passing that state from rank to rank (with its gradient) is not implemented yet",
     )
 
 
@@ -124,7 +131,7 @@ UNSUPPORTED = {
 SUCCESSORS = "MiniCPM-V 4.6 or 4.7 (transformers-native model types minicpmv4_6, minicpmv4_7)"
 
 
-def _qwen_vl(name: str, model_type: str, block: str, layer: str) -> ModelSpec:
+def _qwen_vl(name: str, model_type: str, block: str, layer: str, sequence_parallel: bool = False) -> ModelSpec:
     return ModelSpec(
         name=name,
         model_types=(model_type,),
@@ -143,11 +150,13 @@ def _qwen_vl(name: str, model_type: str, block: str, layer: str) -> ModelSpec:
             "projector": ("mlp.0", "mlp.2"),
         },
         image_inputs={"pixel_values": 0, "image_grid_thw": 0, "pixel_values_videos": 0, "video_grid_thw": 0},
+        sequence_parallel=sequence_parallel,
     )
 
 
 QWEN2_VL = register(_qwen_vl("qwen2_vl", "qwen2_vl", "Qwen2VLVisionBlock", "Qwen2VLDecoderLayer"))
-QWEN2_5_VL = register(_qwen_vl("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLVisionBlock", "Qwen2_5_VLDecoderLayer"))
+QWEN2_5_VL = register(_qwen_vl("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLVisionBlock", "Qwen2_5_VLDecoderLayer",
+                               sequence_parallel=True))
 
 LLAVA = register(
     ModelSpec(
