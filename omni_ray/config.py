@@ -792,6 +792,7 @@ class Config(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
     def _sequence_parallel_fits(self) -> "Config":
         problem = sequence_parallel_problem(self.strategy, self.scaling.num_workers)
         if problem:
