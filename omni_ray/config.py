@@ -483,8 +483,9 @@ class DpoConfig(Section):
         0.0, ge=0, lt=0.5, validate_default=True, description="Assumed fraction of flipped labels: cDPO with sigmoid and simpo, the noise "
         "rate of robust (required there); hinge and ipo take none."
     )
-    simpo_gamma: float = Field(
-        0.5, ge=0, description="SimPO's target reward margin gamma (its paper uses 0.5-1.6); loss_type simpo only."
+    simpo_gamma: float | None = Field(
+        None, ge=0, description="SimPO's target reward margin gamma (its paper uses 0.5-1.6); loss_type simpo only. "
+        "Default: 0.5 under simpo."
     )
     sft_weight: float = Field(
         0.0, ge=0, description="Weight of the chosen answers' NLL added to the loss (RPO), a mean over the step's "
@@ -505,11 +506,17 @@ class DpoConfig(Section):
 
     @field_validator("simpo_gamma")
     @classmethod
-    def _gamma_is_simpo_only(cls, value: float, info: ValidationInfo) -> float:  # runs only when set
-        if info.data.get("loss_type") != "simpo":
+    def _gamma_is_simpo_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("loss_type") != "simpo":
             raise ValueError(f"only loss_type simpo has a target margin, not {info.data.get('loss_type')}; remove "
                              "it or set dpo.loss_type: simpo")
         return value
+
+    def gamma(self) -> float:
+        """SimPO's target margin in use (0 for the other loss types)."""
+        if self.loss_type != "simpo":
+            return 0.0
+        return 0.5 if self.simpo_gamma is None else self.simpo_gamma
 
 
 def dpo_problems(train: TrainConfig, data: DataConfig, dpo_given: bool) -> list[str]:
@@ -767,7 +774,7 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
-    dpo: DpoConfig = DpoConfig()
+    dpo: DpoConfig | None = None  # filled with the defaults under train.objective: dpo
 
     @model_validator(mode="before")
     @classmethod
@@ -787,9 +794,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _dpo_matches_the_objective(self) -> "Config":
-        problems = dpo_problems(self.train, self.data, "dpo" in self.model_fields_set)
+        problems = dpo_problems(self.train, self.data, self.dpo is not None)
         if problems:
             raise ValueError("; ".join(problems))
+        if self.train.objective == "dpo" and self.dpo is None:
+            self.dpo = DpoConfig()
         return self
 
     @model_validator(mode="after")

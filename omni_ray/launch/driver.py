@@ -73,7 +73,7 @@ def memory_estimate(cfg: Config, checked: Validated) -> tuple[str, str | None]:
     return memory_report(cfg.model, checked.hf_config, checked.spec, checked.plan, cfg.lora,
                          layout_of(cfg.train, cfg.strategy, cfg.scaling), batch=cfg.train.micro_batch_size,
                          seq_len=cfg.data.model_max_length, gpu_memory_gb=cfg.scaling.gpu_memory_gb,
-                         dpo=cfg.train.objective == "dpo", reference_free=cfg.dpo.loss_type == "simpo")
+                         dpo=cfg.train.objective == "dpo", reference_free=cfg.dpo is not None and cfg.dpo.loss_type == "simpo")
 
 
 def log_memory_estimate(cfg: Config, checked: Validated) -> None:

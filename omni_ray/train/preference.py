@@ -68,7 +68,7 @@ tokens), and multiplies by the world size because the engines average gradients 
 7. Step (``train/step.train_step``), per micro-batch, instead of ``model_loss``::
 
        logps = pair_logps(engine.forward, engine.unwrapped(), batch, reference)  # ref forward first
-       part = pair_loss(logps, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma)
+       part = pair_loss(logps, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.gamma())
        engine.backward(objective(part, dpo.sft_weight, step_pairs, step_chosen_tokens, world_size))
 
    and add ``part.metrics`` (sums) to the ``StepResult``. ``pair_logps`` runs ``shared_vision``
