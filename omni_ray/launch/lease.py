@@ -71,10 +71,18 @@ class Holder:
         return f"host {self.host}, pid {self.pid}, started {self.started}"
 
 
+#: Tokens of the leases this process holds now. A lease naming this very process whose token is not
+#: here was left by one of its earlier runs (a release that could not reach S3): it is stale.
+_HELD_HERE: set[str] = set()
+
+
 def pid_gone(holder: Holder) -> bool:
-    """True when the holder ran on this host and its process no longer exists."""
+    """True when the holder ran on this host and its process no longer exists (or no longer holds it:
+    the same process, as when one Python process trains the same run again after a failed release)."""
     if holder.host != socket.gethostname():
         return False
+    if holder.pid == os.getpid():
+        return holder.token not in _HELD_HERE
     try:
         os.kill(holder.pid, 0)
     except ProcessLookupError:
@@ -264,7 +272,9 @@ def acquire(run_uri: str, storage: Optional[st.StorageConfig] = None, expiry_s: 
                                   "machine's credentials") from None
     else:
         lease = LocalLease(run_uri, holder).acquire()
+    _HELD_HERE.add(holder.token)
     try:
         yield lease
     finally:
+        _HELD_HERE.discard(holder.token)
         lease.release()
