@@ -11,11 +11,25 @@ import logging
 import sys
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each line, not the one present at setup: the CLI can
+    run many times in one process (tests, notebooks), and a stream captured then closed would turn
+    every later line into a "--- Logging error ---" traceback."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it; ignored
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("omni_ray")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(h, "_omni_ray", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("[omni-ray] %(message)s"))
         handler._omni_ray = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -247,11 +247,12 @@ def _train(cfg: Config, checked: Validated, location: RunLocation, verbose: bool
     # Before Ray is asked for anything: a run that cannot fit is named now, not after GPU nodes
     # have scaled up and every worker has run out of memory.
     log_memory_estimate(cfg, checked)
-    ensure_ray(cfg.scaling, cfg.data, cfg.storage)
-    asked = wait_for_gpus(cfg.scaling)
-    # Sources resolved and counted once; the plan (a mixture's rows per source, their positions and
+    # Sources resolved and counted once, before Ray starts (a missing or unusable source is one line,
+    # not a cluster started for nothing); the plan (a mixture's rows per source, their positions and
     # read order, seeded by train.seed) gives the epoch's rows and the dataset.
     plan = plan_data(cfg.data, cfg.storage, cfg.train.seed)
+    ensure_ray(cfg.scaling, cfg.data, cfg.storage)
+    asked = wait_for_gpus(cfg.scaling)
     num_rows = plan.rows
     dataset = split_ready(build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers))
     storage_path, filesystem = location.for_ray()

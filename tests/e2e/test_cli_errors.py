@@ -89,4 +89,4 @@ def test_expected_failures_exit_2_with_one_line(case, tmp_path, tiny_minicpmv, s
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, err
     assert len(lines) == 1 and must_name in lines[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
