@@ -199,24 +199,6 @@ def release_nodes() -> None:
     request_resources(bundles=[])
 
 
-# Rows per block handed to Ray Train's split (see split_ready).
-SPLIT_BLOCK_ROWS = 16
-
-
-def split_ready(dataset):
-    """``dataset`` in blocks of exactly SPLIT_BLOCK_ROWS rows (the last may be short), in order.
-
-    Ray Train splits the training set with ``streaming_split(equal=True)``, which hands whole
-    blocks, in order, to the rank that has received the fewest rows so far: which rows a rank
-    trains on follows the block boundaries. Ray Data's own boundaries follow its read parallelism,
-    sized from the cluster's CPU count when each epoch starts (a cluster that grows or shrinks
-    between runs or epochs gives other blocks), and the sizes of processed rows. Re-blocked to a
-    fixed row count, each rank's rows and their order are a function of the dataset, the world
-    size and train.seed alone.
-    """
-    return dataset.repartition(target_num_rows_per_block=SPLIT_BLOCK_ROWS, strict=True)
-
-
 def train(cfg: Config, verbose: bool = False):
     """Run training under Ray Train; returns Ray's Result (metrics, checkpoint, path).
 
@@ -254,7 +236,7 @@ def _train(cfg: Config, checked: Validated, location: RunLocation, verbose: bool
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     asked = wait_for_gpus(cfg.scaling)
     num_rows = plan.rows
-    dataset = split_ready(build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers))
+    dataset = build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
     forwarder = watcher.callback()  # starts the inbox actor, which also carries a stop request to rank 0

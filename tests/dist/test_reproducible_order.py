@@ -4,9 +4,9 @@ per-step losses, run after run, however loaded the machine.
 A 2-worker FSDP2 run (gloo, shuffled, tiny MiniCPM-V) trains twice on one module-scoped Ray: as it
 is, and with two processes spinning on both cores beside it. Each report carries, per rank, a
 digest of the row positions read in order (``data_order``): the two runs must agree at every step
-on those and on the loss, exactly. (Ray Train's split deals whole blocks to the rank with the
-fewest rows; ``driver.split_ready`` hands it blocks of a fixed row count so the deal does not
-follow Ray Data's block boundaries.)
+on those and on the loss, exactly. (Ray Train's split deals whole blocks, in order, to the rank
+with the fewest rows: on one cluster the deal is fixed; Ray Data's block boundaries follow the
+cluster's CPU count, so another cluster size may deal rows differently.)
 """
 
 from __future__ import annotations
