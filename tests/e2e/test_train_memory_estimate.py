@@ -23,11 +23,11 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(tmp_path: Path, model_dir: Path, gpu_memory_gb: float) -> str:
+def write_config(tmp_path: Path, model_dir: Path, gpu_memory_gb: float, train: Path) -> str:
     config = tmp_path / f"run-{gpu_memory_gb:g}.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"path": str(model_dir)},
-        "data": {"train": str(tmp_path / "train.jsonl"), "model_max_length": 64},
+        "data": {"train": str(train), "model_max_length": 64},
         "freeze": {"vision": "frozen", "projector": "full", "llm": "lora"},
         "train": {"micro_batch_size": 2, "precision": "bf16"},
         "scaling": {"num_workers": 1, "use_gpu": True, "gpu_memory_gb": gpu_memory_gb},
@@ -36,8 +36,8 @@ def write_config(tmp_path: Path, model_dir: Path, gpu_memory_gb: float) -> str:
     return str(config)
 
 
-def train_output(tmp_path: Path, model_dir: Path, gpu_memory_gb: float) -> tuple[int, str]:
-    config = write_config(tmp_path, model_dir, gpu_memory_gb)
+def train_output(tmp_path: Path, model_dir: Path, gpu_memory_gb: float, train: Path) -> tuple[int, str]:
+    config = write_config(tmp_path, model_dir, gpu_memory_gb, train)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, "-m", "omni_ray.launch.cli", "train", config], env=env,
@@ -45,8 +45,9 @@ def train_output(tmp_path: Path, model_dir: Path, gpu_memory_gb: float) -> tuple
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_train_prints_the_estimate_before_asking_for_gpus(tmp_path, tiny_minicpmv):
-    code, out = train_output(tmp_path, tiny_minicpmv, gpu_memory_gb=0.001)
+def test_train_prints_the_estimate_before_asking_for_gpus(tmp_path, tiny_minicpmv, color_data):
+    # real data: the driver plans it (and refuses a missing file) before it asks Ray for anything
+    code, out = train_output(tmp_path, tiny_minicpmv, gpu_memory_gb=0.001, train=color_data[0])
     print(out)
     assert code == 2, out  # the named GPU error, not a traceback
     gpu_error = out.index("scaling.use_gpu:")
@@ -59,11 +60,11 @@ def test_train_prints_the_estimate_before_asking_for_gpus(tmp_path, tiny_minicpm
 
 
 
-def test_no_warning_when_the_estimate_fits(tmp_path, tiny_minicpmv):
+def test_no_warning_when_the_estimate_fits(tmp_path, tiny_minicpmv, color_data):
     from omni_ray.config import load_config
     from omni_ray.launch.driver import memory_estimate, validate
 
-    config = yaml.safe_load(Path(write_config(tmp_path, tiny_minicpmv, gpu_memory_gb=1000)).read_text())
+    config = yaml.safe_load(Path(write_config(tmp_path, tiny_minicpmv, gpu_memory_gb=1000, train=color_data[0])).read_text())
     cfg = load_config(config)
     text, warning = memory_estimate(cfg, validate(cfg))
     assert text.startswith("memory per worker (estimate)") and warning is None
