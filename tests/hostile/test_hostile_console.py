@@ -42,6 +42,15 @@ Traceback (most recent call last):
     raise ConnectionError(
 ConnectionError: Found multiple active Ray instances: {'10.0.0.1:6379', '10.0.0.1:6380'}. Please specify""".splitlines()
 
+GCS_TIMEOUT = """Exception in thread PlacementGroupCleanerMonitor:
+Traceback (most recent call last):
+  File "/ray/train/v2/_internal/execution/controller/placement_group_cleaner.py", line 80, in _monitor_loop
+    alive = is_actor_alive(
+  File "/ray/dashboard/utils.py", line 688, in ray_address_to_api_server_url
+    gcs_client = GcsClient(address=address)
+  File "python/ray/includes/common.pxi", line 144, in ray._raylet.check_status_timeout_as_rpc_error
+ray.exceptions.RpcError: Timed out while waiting for GCS to become available.""".splitlines()
+
 REAL_ERROR = """Traceback (most recent call last):
   File "/omni_ray/train/loop.py", line 90, in run
     raise RuntimeError(stop)
@@ -49,7 +58,8 @@ RuntimeError: data.max_bad_fraction: 3.0% of samples rejected""".splitlines()
 
 
 def test_transient_tracebacks_are_dropped_and_real_ones_kept():
-    lines = ["[omni-ray] step 3/8", *TIMEOUT_TRACEBACK, "plain line", *MULTIPLE_RAYS, *REAL_ERROR, "after"]
+    lines = ["[omni-ray] step 3/8", *TIMEOUT_TRACEBACK, "plain line", *MULTIPLE_RAYS, *GCS_TIMEOUT, *REAL_ERROR,
+             "after"]
     kept, held = drop_transient(lines)
     assert held == []
     assert kept == ["[omni-ray] step 3/8", "plain line", *REAL_ERROR, "after"]
