@@ -44,7 +44,8 @@ def test_spot_node_lost_mid_run_is_replaced_and_the_run_finishes_from_its_checkp
     # Ray's own lines drown the scenario's: show its progress and the first error (full log kept).
     lines = [line for line in log.read_text().splitlines() if line.startswith(("[spot", "Traceback", "  File "))
              or "Error" in line]
-    assert proc.returncode == 0, f"full log: {log}\n" + "\n".join(lines[:60])
+    assert proc.returncode == 0, (f"full log: {log}\n" + "\n".join(lines[:60])
+                                  + "\n--- last lines ---\n" + "\n".join(log.read_text().splitlines()[-30:]))
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # Scaling from zero with no node type that has the resource: a named error, not a silent wait.
     assert got["infeasible_wait"].startswith("scaling.gpu_wait_timeout_s: waited 3s for 1 big_gpu and the cluster "
@@ -105,9 +106,11 @@ def _start_cluster(workdir: str):
     from ray.cluster_utils import Cluster
 
     # Read by the autoscaler (the monitor process inherits them): update every second, and a node
-    # whose raylet stopped reporting for 3 s is terminated (default 30 s).
+    # whose raylet stopped reporting for 10 s is terminated (default 30 s). Not shorter: with the
+    # whole suite on 2 cores a live raylet can miss a few seconds of reports (CI lost the head
+    # node that way with 3 s / 2 s below).
     os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                       "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "3", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+                       "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     with socket.socket() as sock:
         sock.bind(("", 0))
         port = sock.getsockname()[1]
@@ -115,8 +118,8 @@ def _start_cluster(workdir: str):
     config.write_text(json.dumps(_autoscaling_config(f"{get_node_ip_address()}:{port}")))
     return Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "gcs_server_port": port, "autoscaling_config": str(config), "include_dashboard": False,
-        # A dead raylet is noticed in ~2 s (default ~15 s).
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+        # A dead raylet is noticed in ~8 s (default ~15 s).
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8}})
 
 
 def _config(model_dir: str, train_jsonl: str, out: str, name: str):
@@ -136,7 +139,13 @@ def _config(model_dir: str, train_jsonl: str, out: str, name: str):
 
 
 def _checkpoint_steps(out: str, name: str) -> list[int]:
-    return sorted(json.loads(m.read_text())["step"] for m in Path(out, name).glob("checkpoint_*/manifest.json"))
+    """Steps of the whole checkpoints (the resume's own test: a manifest, every file it lists, checksums).
+    Not any directory with a manifest: Ray Train copies a checkpoint's files in no fixed order, and a
+    kill after the manifest but before the weights leaves a checkpoint the resume rightly skips."""
+    from omni_ray.train.checkpoint import find_latest
+
+    latest = find_latest(str(Path(out, name))) if Path(out, name).exists() else None
+    return [] if latest is None else [latest[0]]
 
 
 def _kill_spot_node_after_a_checkpoint(out: str, name: str, runner: threading.Thread) -> tuple[int, str]:
