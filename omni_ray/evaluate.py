@@ -51,14 +51,14 @@ def evaluate_checkpoint(cfg, checkpoint_dir=None, step: int = 0) -> dict:
     greedy decoding, so a run's ``eval_loss`` and ``eval/step-N.html`` can be checked against it.
     ``cfg`` is the run's Config (model, freeze map and LoRA rebuild the trained model).
     """
-    from omni_ray.observe.eval import EvalSet, evaluate, render_page
+    from omni_ray.observe.eval import EvalSet, SingleProcess, evaluate, render_page
     from omni_ray.train.checkpoint import restore_model
 
     if not cfg.data.eval:
         raise ValueError("data.eval: not set; point it at an eval JSON/JSONL file or prepared prefix")
     model, _, _ = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage, checkpoint_dir)
     evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, cfg.eval.num_samples)
-    result = evaluate(lambda inputs: model(**inputs), evalset, 0, 1, torch.device("cpu"),
-                      cfg.eval.batch_size or cfg.train.micro_batch_size, cfg.eval.max_new_tokens, modules=[model])
+    result = evaluate(SingleProcess(model), evalset, 0, 1, torch.device("cpu"),
+                      cfg.eval.batch_size or cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
     result["page"] = render_page(result["answers"], step, result["eval_loss"])
     return result

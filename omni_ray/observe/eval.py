@@ -9,12 +9,20 @@
   single process gets for the same weights (``omni_ray.evaluate.evaluate_checkpoint``). Every
   rank runs the same number of forward passes (ranks short of samples run the vision keep-alive
   batch), because under FSDP2 / ZeRO-3 each forward gathers parameters from all ranks.
-* **Answers**: every rank decodes the same first ``num_samples`` prompts greedily, and each new
-  token is rank 0's (broadcast), so all ranks make identical forward calls and the answers are a
-  function of the weights alone: two evaluations of one checkpoint give the same page.
+  The loss is training's own (``train.step.model_loss``: the output projection returns the
+  token-sum loss chunk by chunk), so the [tokens, vocab] logits never exist here either (at
+  MiniCPM-V 4.6's 248k vocabulary they would be 8 GB for 4 x 2k tokens in fp32).
+* **Answers**: every rank decodes the same first ``num_samples`` prompts greedily,
+  ``batch_size`` prompts per ``generate`` call (left-padded), with the model's KV cache: the
+  vision encoder runs once per prompt and each new token costs one token's forward.
+  ``synced_gpus`` keeps every rank forwarding until all are done, so under FSDP2 / ZeRO-3 the
+  parameter gathers stay in lockstep. The answers are a function of the weights alone: two
+  evaluations of one checkpoint give the same page. ``generate_recompute`` (the whole sequence,
+  images included, for every token) is the reference the tests and ``bench/generation.py``
+  compare against.
 
-``forward(inputs) -> output with .logits`` is the engine's forward (``strategy.forward``) in a
-run, or ``lambda inputs: model(**inputs)`` in one process.
+``engine`` is the run's Strategy, or ``SingleProcess(model)`` in one process: ``forward(inputs)``,
+``generate(inputs, **kwargs)`` and ``unwrapped()``.
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ import torch
 import torch.distributed as dist
 
 from omni_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from omni_ray.data.collate import collate
+from omni_ray.data.collate import PAD_VALUES, collate
 from omni_ray.data.conversation import IGNORE_INDEX, decode
 from omni_ray.storage import StorageConfig
-from omni_ray.train.step import NON_MODEL_KEYS, token_loss_sum
+from omni_ray.train.step import NON_MODEL_KEYS, model_loss
 
 
 
@@ -100,7 +108,7 @@ def _prompt(row: dict, arrays: dict, sp, pre) -> Prompt:
     # The first answer's labelled span ends with the end-of-turn token: generation stops there.
     run_end = first + int(np.argmax(np.diff(np.append(answer_at, answer_at[-1] + 2)) > 1))
     stop = {int(labels[run_end])} | ({sp.tokenizer.eos_token_id} if sp.tokenizer.eos_token_id is not None else set())
-    cut = {k: (v[:first] if k in ("input_ids", "labels", "mm_token_type_ids") else v) for k, v in arrays.items()}
+    cut = {k: (v[:first] if k in PAD_VALUES else v) for k, v in arrays.items()}  # every per-token array
     messages = json.loads(row["messages"])
     turn = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     images = [encode_png(image) for image in pre._inputs(row)[0]]  # the images the model saw, as PNG
@@ -116,21 +124,28 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _from_rank0(token: int, device) -> int:
-    """Collective: rank 0's token, so every rank feeds the same input to the next forward."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return token
-    t = torch.tensor([token], dtype=torch.long, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 def _inputs(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
+class SingleProcess:
+    """A plain model with the three calls evaluation makes of an engine (one process, no sharding)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, inputs: dict):
+        return self.model(**inputs)
+
+    def generate(self, inputs: dict, **kwargs):
+        return self.model.generate(**inputs, **kwargs)
+
+    def unwrapped(self):
+        return self.model
+
+
 @torch.no_grad()
-def eval_loss(forward, evalset: EvalSet, rank: int, world: int, device, batch_size: int) -> dict:
+def eval_loss(engine, evalset: EvalSet, rank: int, world: int, device, batch_size: int) -> dict:
     """Mean token loss over the whole eval set (collective). Returns eval_loss and eval_tokens."""
     mine = evalset.samples[rank::world]
     most = -(-len(evalset.samples) // world)  # samples on the fullest rank: all ranks run its batch count
@@ -140,47 +155,90 @@ def eval_loss(forward, evalset: EvalSet, rank: int, world: int, device, batch_si
         if not chunk and evalset.keep_alive is None:
             continue  # one process (no peers to keep in step)
         batch = collate(chunk, evalset.image_inputs, evalset.pad_id, evalset.keep_alive)
-        logits = forward(_inputs(batch, device)).logits
-        loss_sum += float(token_loss_sum(logits, batch["labels"]))
+        loss_sum += float(model_loss(engine, _inputs(batch, device), batch["labels"]))
         tokens += float(batch["num_label_tokens"])
     loss_sum, tokens = _sum_across_ranks([loss_sum, tokens])
     return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
 
 
+def left_padded(batch: dict) -> dict:
+    """The batch's per-token arrays with each row's padding moved to its start: generation appends
+    new tokens at the end of every row, so the prompts must end there."""
+    length = batch["attention_mask"].shape[1]
+    shifts = (length - batch["attention_mask"].sum(1)).tolist()
+    return {k: torch.stack([row.roll(int(n)) for row, n in zip(v, shifts)]) if k in PAD_VALUES else v
+            for k, v in batch.items()}
+
+
+def _until_stop(tokens: list[int], prompt: Prompt) -> list[int]:
+    return tokens[:next((i for i, t in enumerate(tokens) if t in prompt.stop_ids), len(tokens))]
+
+
 @torch.no_grad()
-def generate(forward, prompt: Prompt, evalset: EvalSet, device, max_new_tokens: int) -> str:
-    """Greedy answer to one prompt (collective when distributed: rank 0's tokens are used)."""
+def generate_tokens(engine, prompts: list[Prompt], evalset: EvalSet, device, max_new_tokens: int,
+                    batch_size: int) -> list[list[int]]:
+    """Greedy answers' token ids (stop token excluded) with the KV cache, ``batch_size`` prompts per
+    call (collective when distributed)."""
+    from transformers import GenerationConfig
+
+    synced = dist.is_initialized() and dist.get_world_size() > 1
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start:start + batch_size]
+        inputs = _inputs(left_padded(collate([p.arrays for p in group], evalset.image_inputs, evalset.pad_id)), device)
+        # A fresh config: a checkpoint's generation_config.json (sampling, temperature) must not apply.
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                  eos_token_id=sorted({t for p in group for t in p.stop_ids}),
+                                  pad_token_id=evalset.pad_id)
+        out = engine.generate(inputs, generation_config=config, synced_gpus=synced)
+        prompt_length = inputs["input_ids"].shape[1]
+        answers += [_until_stop(row, p) for p, row in zip(group, out[:, prompt_length:].tolist())]
+    return answers
+
+
+def generate_answers(engine, prompts: list[Prompt], evalset: EvalSet, device, max_new_tokens: int,
+                     batch_size: int) -> list[str]:
+    """``generate_tokens`` decoded (special tokens dropped)."""
+    return [evalset.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            for tokens in generate_tokens(engine, prompts, evalset, device, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_recompute(engine, prompt: Prompt, evalset: EvalSet, device, max_new_tokens: int) -> list[int]:
+    """Greedy answer's token ids by a full forward (vision encoder included) per new token, no cache.
+
+    The reference ``generate_tokens`` is checked against and ``bench/generation.py``'s baseline.
+    """
     arrays, new = dict(prompt.arrays), []
     for _ in range(max_new_tokens):
-        batch = collate([arrays], evalset.image_inputs, evalset.pad_id)
-        logits = forward(_inputs(batch, device)).logits
-        token = _from_rank0(int(logits[0, -1].argmax()), device)
+        logits = engine.forward(_inputs(collate([arrays], evalset.image_inputs, evalset.pad_id), device)).logits
+        token = int(logits[0, -1].argmax())
         if token in prompt.stop_ids:
             break
         new.append(token)
-        arrays["input_ids"] = np.append(arrays["input_ids"], token)
-        arrays["labels"] = np.append(arrays["labels"], IGNORE_INDEX)
-        if "mm_token_type_ids" in arrays:
-            arrays["mm_token_type_ids"] = np.append(arrays["mm_token_type_ids"], 0)
-    return evalset.tokenizer.decode(new, skip_special_tokens=True).strip()
+        for key in PAD_VALUES:
+            if key in arrays:
+                extra = token if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+                arrays[key] = np.append(arrays[key], extra)
+    return new
 
 
-def evaluate(forward, evalset: EvalSet, rank: int, world: int, device, batch_size: int,
-             max_new_tokens: int, modules=()) -> dict:
-    """Eval loss and answers (collective); ``modules`` are put in eval mode meanwhile (dropout off)."""
-    was_training = [(m, m.training) for m in modules]
-    for m, _ in was_training:
-        m.eval()
+def evaluate(engine, evalset: EvalSet, rank: int, world: int, device, batch_size: int,
+             max_new_tokens: int) -> dict:
+    """Eval loss and answers (collective); the model is in eval mode meanwhile (dropout off)."""
+    model = engine.unwrapped()
+    was_training = model.training
+    model.eval()
     try:
-        result = eval_loss(forward, evalset, rank, world, device, batch_size)
+        result = eval_loss(engine, evalset, rank, world, device, batch_size)
+        answers = generate_answers(engine, evalset.prompts, evalset, device, max_new_tokens, batch_size)
         result["answers"] = [
             {"id": p.id, "question": p.question, "reference": p.reference, "images_png": p.images_png,
-             "answer": generate(forward, p, evalset, device, max_new_tokens)}
-            for p in evalset.prompts
+             "answer": answer}
+            for p, answer in zip(evalset.prompts, answers)
         ]
     finally:
-        for m, mode in was_training:
-            m.train(mode)
+        model.train(was_training)
     return result
 
 
@@ -249,8 +307,7 @@ class Evaluator:
     def __call__(self, engine, step: int, rank: int, world: int, device) -> dict:
         from omni_ray import storage as st
 
-        result = evaluate(engine.forward, self.evalset, rank, world, device, self.batch_size,
-                          self.cfg.max_new_tokens, modules=[engine.unwrapped()])
+        result = evaluate(engine, self.evalset, rank, world, device, self.batch_size, self.cfg.max_new_tokens)
         self.done_at = step
         metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"]}
         if result["answers"] and self.run_uri:
@@ -261,5 +318,5 @@ class Evaluator:
         return metrics
 
 
-__all__ = ["EvalSet", "Prompt", "evaluate", "eval_loss", "generate", "render_page", "page_name", "read_rows",
-           "Evaluator"]
+__all__ = ["EvalSet", "Evaluator", "Prompt", "SingleProcess", "evaluate", "eval_loss", "generate_answers",
+           "generate_recompute", "generate_tokens", "left_padded", "page_name", "read_rows", "render_page"]

@@ -64,6 +64,11 @@ class Strategy(ABC):
     def forward(self, batch: dict):
         """The model's forward on a batch already on the device; returns the model output."""
 
+    def generate(self, batch: dict, **kwargs):
+        """``model.generate`` on a batch already on the device (KV cache; collective under sharding:
+        pass ``synced_gpus=True`` so every rank runs the same number of forwards)."""
+        return self.unwrapped().generate(**batch, **kwargs)
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of an already normalised loss; gradients accumulate until ``step``."""

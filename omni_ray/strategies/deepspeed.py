@@ -271,11 +271,19 @@ class DeepSpeedStrategy(Strategy):
             return zero_state.flat_partitions(self.engine.optimizer)[0].dtype
         return param.dtype
 
-    def forward(self, batch: dict):
+    def _cast(self, batch: dict) -> dict:
         dtype = self.half_dtype
         if dtype is not None:  # floating inputs (pixel values) in the compute dtype, as FSDP2's policy does
             batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        return self.engine(**batch)
+        return batch
+
+    def forward(self, batch: dict):
+        return self.engine(**self._cast(batch))
+
+    def generate(self, batch: dict, **kwargs):
+        # ZeRO-3 gathers each submodule's parameters in its own forward hooks, so the module's
+        # generate() (which never calls the engine) still sees whole weights, as HF Trainer uses it.
+        return self.unwrapped().generate(**self._cast(batch), **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop has normalised the loss for the whole optimizer step; GAS is 1, so no rescaling.

@@ -47,7 +47,7 @@ class FSDPStrategy(Strategy):
         self.skipped_total = 0
 
     def wrap(self, model, spec: ModelSpec):
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         precision = self.train.precision
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
@@ -63,6 +63,9 @@ class FSDPStrategy(Strategy):
         for layer in layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        # generate() calls the inner model's forward, not the root's: without this the root's own
+        # parameters (embeddings, lm_head, norms) would stay sharded during generation.
+        register_fsdp_forward_method(model, "generate")
         self.model = model
         if precision == "fp16":
             # fp16 has too little range for raw gradients: scale the loss, skip steps that overflow.
