@@ -9,7 +9,7 @@ finishes in minutes; ``--full-depth`` builds all 24 + 27 (GPU). The cut does not
 ratio: the 248k-vocabulary output projection, which the cached path pays per token as well, keeps
 its full size while the layers both paths scale with shrink.
 
-* cached: ``omni_ray.observe.eval.generate_tokens``, what evaluation runs (``model.generate``,
+* cached: ``omni_ray.train.evaluation.generate_tokens``, what evaluation runs (``model.generate``,
   KV cache, pixel values only in the first forward).
 * full recompute: ``generate_recompute``, the previous evaluation: the whole sequence, the
   vision encoder included, forwarded again for every new token.
@@ -77,7 +77,7 @@ def main() -> None:
         args.text_layers, args.vision_layers = 24, 27
 
     from omni_ray.config import load_config
-    from omni_ray.observe.eval import EvalSet, SingleProcess, generate_recompute, generate_tokens
+    from omni_ray.train.evaluation import EvalSet, SingleProcess, generate_recompute, generate_tokens
     from omni_ray.train.checkpoint import restore_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

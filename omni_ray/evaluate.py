@@ -1,7 +1,7 @@
 """Evaluating a checkpoint in one plain process (no Ray, no process group).
 
 * ``evaluate_checkpoint``: eval loss over ``data.eval`` and the eval page, computed exactly as
-  a run computes them during training (``omni_ray.observe.eval``), so a run's numbers and pages
+  a run computes them during training (``omni_ray.train.evaluation``), so a run's numbers and pages
   can be checked against it.
 * ``choice_accuracy``: held-out accuracy by likelihood: which of a sample's candidate answers
   does the model prefer? Scoring every candidate (instead of generating text) makes accuracy
@@ -51,7 +51,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir=None, step: int = 0) -> dict:
     greedy decoding, so a run's ``eval_loss`` and ``eval/step-N.html`` can be checked against it.
     ``cfg`` is the run's Config (model, freeze map and LoRA rebuild the trained model).
     """
-    from omni_ray.observe.eval import EvalSet, SingleProcess, evaluate, render_page
+    from omni_ray.train.evaluation import EvalSet, SingleProcess, evaluate, render_page
     from omni_ray.train.checkpoint import restore_model
 
     if not cfg.data.eval:

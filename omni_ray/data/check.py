@@ -73,7 +73,7 @@ def _manifest(source, storage) -> dict | None:
     """A prepared source's manifest (counts and repeated ids of ``data prepare``), else None."""
     if not source.units or source.units[0].form != "prepared":
         return None
-    from omni_ray.data.prepare import read_manifest, verify_shard_checksums
+    from omni_ray.data.shards import read_manifest, verify_shard_checksums
 
     prefix = posixpath.dirname(source.units[0].uri)
     manifest = read_manifest(prefix, storage)  # every shard there at its size

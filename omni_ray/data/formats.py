@@ -41,7 +41,7 @@ audio (``audios``, ``<audio>``, audio blocks) is ``unsupported_modality``; ms-sw
 ``objects`` and preference-data keys are ``unsupported_field``; ``<image>``/``<video>`` in an
 assistant turn is ``media_in_assistant_turn`` (its tokens would become labels). Every problem
 raises :class:`~omni_ray.data.errors.DataError` with a reason code; all functions here are
-pure (:func:`iter_records` is the streaming reader's, re-exported).
+pure (files are read by :mod:`omni_ray.data.reader`, which calls these).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "VIDEO_PLACEHOLDER",
     "normalize_record",
-    "iter_records",
     "resolve_ref",
 ]
 
@@ -457,13 +456,6 @@ def _check_ref(ref: Any, key: Optional[str], sample_id: str) -> None:
 
 
 # ----------------------------------------------------------------------------- paths
-
-
-def iter_records(uri: str, storage=None, policy=None):
-    """The streaming reader's :func:`omni_ray.data.reader.iter_records` (kept here for callers)."""
-    from omni_ray.data.reader import iter_records as _iter_records
-
-    yield from _iter_records(uri, storage, policy)
 
 
 _MAX_PATH = 4095  # PATH_MAX - 1: longer paths cannot be opened on Linux

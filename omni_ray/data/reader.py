@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -67,10 +68,33 @@ class InputPolicy:
 # ---------------------------------------------------------------------------- sources
 
 
+def check_file(uri: str, storage: Optional[StorageConfig], key: str) -> None:
+    """Raise unless ``uri`` is a readable regular file (or an S3 object)."""
+    if _storage.is_remote(uri):
+        fs, path = _storage.resolve(uri, storage)
+        try:
+            info = fs.get_file_info(path)
+        except OSError as err:
+            raise DataSourceError(uri, f"cannot be read ({err}); check storage.endpoint_url and credentials", key) from None
+        if info.type.name != "File":
+            raise DataSourceError(uri, "no such object; check the bucket and key", key)
+        return
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataSourceError(uri, "does not exist; check the path (relative paths are relative to the "
+                              "current directory)", key) from None
+    except OSError as err:
+        raise DataSourceError(uri, f"cannot be opened ({err.strerror}); check the path", key) from None
+    if not stat.S_ISREG(mode):
+        raise DataSourceError(uri, "is not a regular file (a FIFO, device or socket); give a regular file", key)
+    if not os.access(path, os.R_OK):
+        raise DataSourceError(uri, "cannot be read (permission denied); check its permissions", key)
+
+
 def check_source_file(uri: str, storage: Optional[StorageConfig] = None, key: str = "data.train") -> None:
     """Raise :class:`DataSourceError` unless ``uri`` is a readable regular JSON/JSONL file (or S3 object)."""
-    from omni_ray.data.sources import check_file
-
     if not uri.lower().endswith(ANNOTATION_SUFFIXES):
         raise DataSourceError(uri, "unknown annotation format; give a .json file (a list of records) or a "
                               ".jsonl file (one record per line)", key)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -55,6 +54,7 @@ from typing import Optional
 from omni_ray import storage as _storage
 from omni_ray.config import DATA_FORMS_HELP
 from omni_ray.data.errors import DataSourceError
+from omni_ray.data.reader import check_file
 from omni_ray.storage import StorageConfig
 
 __all__ = ["FORMS", "Source", "Unit", "count_units", "form_of", "iter_source_rows", "read_unit", "resolve_entry"]
@@ -177,33 +177,8 @@ def _glob(pattern: str, storage: Optional[StorageConfig], key: str) -> list[Unit
     return [Unit(_storage.join(base, n) if base != "." else n, form_of(n)) for n in matched]
 
 
-def check_file(uri: str, storage: Optional[StorageConfig], key: str) -> None:
-    """Raise unless ``uri`` is a readable regular file (or an S3 object)."""
-    if _storage.is_remote(uri):
-        fs, path = _storage.resolve(uri, storage)
-        try:
-            info = fs.get_file_info(path)
-        except OSError as err:
-            raise DataSourceError(uri, f"cannot be read ({err}); check storage.endpoint_url and credentials", key) from None
-        if info.type.name != "File":
-            raise DataSourceError(uri, "no such object; check the bucket and key", key)
-        return
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataSourceError(uri, "does not exist; check the path (relative paths are relative to the "
-                              "current directory)", key) from None
-    except OSError as err:
-        raise DataSourceError(uri, f"cannot be opened ({err.strerror}); check the path", key) from None
-    if not stat.S_ISREG(mode):
-        raise DataSourceError(uri, "is not a regular file (a FIFO, device or socket); give a regular file", key)
-    if not os.access(path, os.R_OK):
-        raise DataSourceError(uri, "cannot be read (permission denied); check its permissions", key)
-
-
 def _prepared_units(prefix: str, storage: Optional[StorageConfig], key: str) -> list[Unit]:
-    from omni_ray.data.prepare import read_manifest, shard_uris
+    from omni_ray.data.shards import read_manifest, shard_uris
 
     try:
         manifest = read_manifest(prefix, storage)

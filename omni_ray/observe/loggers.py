@@ -69,17 +69,6 @@ def trainable_counts(report: dict) -> dict[str, float]:
     return {f"params/trainable/{group}": float(row.get("trainable", 0)) for group, row in audit.items()}
 
 
-def memory_gb(device) -> float:
-    """This process's peak accelerator memory (GB), or its resident memory on a CPU worker."""
-    import torch
-
-    if getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
-
-
 class TensorBoardLogger:
     def __init__(self, local_dir: str):
         from tensorboardX import SummaryWriter

@@ -28,12 +28,11 @@ from omni_ray.data.errors import REASONS
 from omni_ray.data.position import PositionSet
 from omni_ray.freeze import param_groups
 from omni_ray.models.loading import load_processor
-from omni_ray.observe.eval import Evaluator
-from omni_ray.observe.loggers import memory_gb
 from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
 from omni_ray.train.batches import Batcher, EpochBatches, TrainState
 from omni_ray.train.build import build_trainable_model
+from omni_ray.train.evaluation import Evaluator
 from omni_ray.train.guard import FiniteGuard, FreezeGuard
 from omni_ray.train.loss import fast_paths
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
@@ -41,6 +40,15 @@ from omni_ray.train.resume import gather_positions, pick_checkpoint
 from omni_ray.train.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
+
+
+def memory_gb(device) -> float:
+    """This process's peak accelerator memory (GB), or its resident memory on a CPU worker."""
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -79,7 +79,7 @@ tokens), and multiplies by the world size because the engines average gradients 
    ``mean_metrics(sums)``: ``loss`` (mean pair loss), ``rewards_chosen``, ``rewards_rejected``,
    ``rewards_margin``, ``rewards_accuracy``, ``logps_chosen``, ``logps_rejected``; the console,
    metrics.jsonl, TensorBoard and curves.png read them from the report like the SFT keys.
-9. Eval (``observe/eval.Evaluator``): over eval pairs, ``pair_logps`` under ``torch.no_grad()``
+9. Eval (``train/evaluation.Evaluator``): over eval pairs, ``pair_logps`` under ``torch.no_grad()``
    and ``mean_metrics`` -> ``eval_rewards_accuracy``; the page shows each pair's two log-probs
    beside the greedy answer to its prompt.
 """

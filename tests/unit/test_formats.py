@@ -7,7 +7,8 @@ import json
 import pytest
 
 from omni_ray.data.errors import REASONS, DataError, DataSourceError
-from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, iter_records, normalize_record, resolve_ref
+from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, normalize_record, resolve_ref
+from omni_ray.data.reader import iter_records
 
 
 def U(text):  # noqa: N802 - short helpers keep the tables readable

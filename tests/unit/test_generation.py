@@ -19,7 +19,7 @@ import torch
 from omni_ray.config import load_config
 from omni_ray.data.synthetic import make_color_dataset
 from omni_ray.models.tiny import build_tiny
-from omni_ray.observe.eval import EvalSet, SingleProcess, eval_loss, generate_recompute, generate_tokens
+from omni_ray.train.evaluation import EvalSet, SingleProcess, eval_loss, generate_recompute, generate_tokens
 from omni_ray.train.checkpoint import restore_model
 from omni_ray.train.loss import token_loss_sum
 
@@ -83,7 +83,7 @@ def test_eval_loss_is_trainings_chunked_loss(tmp_path_factory, uneven_eval, monk
     engine = SingleProcess(model)
     # The reference: full logits, the mean token loss over the set.
     from omni_ray.data.collate import collate
-    from omni_ray.observe.eval import _inputs
+    from omni_ray.train.evaluation import _inputs
 
     total, tokens = 0.0, 0
     with torch.no_grad():

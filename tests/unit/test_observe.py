@@ -14,7 +14,7 @@ import pytest
 
 from omni_ray.config import ConfigError
 from omni_ray.observe.console import Progress, is_noise
-from omni_ray.observe.eval import render_page
+from omni_ray.train.evaluation import render_page
 from omni_ray.observe.loggers import TensorBoardLogger, check_loggers, scalars
 from omni_ray.observe.report import build_report, format_report
 from omni_ray.observe.watch import RunWatcher
@@ -232,7 +232,7 @@ def test_report_command_prints_the_run_and_fails_in_one_line_without_one(tmp_pat
 
 def test_eval_is_due_every_n_steps_and_at_the_end_once():
     from omni_ray.config import EvalConfig
-    from omni_ray.observe.eval import Evaluator
+    from omni_ray.train.evaluation import Evaluator
 
     ev = Evaluator(evalset=None, eval_cfg=EvalConfig(), every=4, batch_size=2, run_uri=None, storage=None)
     assert [s for s in range(1, 11) if ev.due(s, 10)] == [4, 8, 10]

@@ -1,5 +1,8 @@
 """Evaluation during training: loss over the whole eval set, and what the model now answers.
 
+Worker side (it runs beside training on every rank and shares its loss and collate); the driver
+and ``omni-ray report`` only read what it reports and the pages rank 0 writes.
+
     evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, keep_alive, run_uri)
     if evaluator and evaluator.due(step, total_steps):     # every rank, at the same steps
         metrics.update(evaluator(engine, step, rank, world, device))  # rank 0 also writes the page
