@@ -190,20 +190,10 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def status_text(report: dict) -> str:
-    """The numbers one report adds to the progress display (loss, lr, tokens/s, rejected, eval)."""
-    parts = []
-    if report.get("loss") is not None:
-        parts.append(f"loss {report['loss']:.4f}")
-    if report.get("lr") is not None:
-        parts.append(f"lr {report['lr']:.2e}")
-    if report.get("tokens_per_s") is not None:
-        parts.append(f"{report['tokens_per_s']:.0f} tok/s")
-    parts.append(f"rejected {sum((report.get('rejected') or {}).values())}")
-    if report.get("samples_by_source"):  # a mixture: how many rows each source gave so far
-        parts.append("samples " + ", ".join(f"{name} {n}" for name, n in report["samples_by_source"].items()))
-    if report.get("eval_loss") is not None:
-        parts.append(f"eval_loss {report['eval_loss']:.4f}")
-    return " ".join(parts)
+    """The numbers one report adds to the progress display (``train.metrics``: each metric's ``status``)."""
+    from omni_ray.train.metrics import status_parts
+
+    return " ".join(status_parts(report))
 
 
 class Progress:

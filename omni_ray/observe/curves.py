@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 
-PANELS = (("loss", ("loss", "eval_loss")), ("learning rate", ("lr",)), ("tokens/s", ("tokens_per_s",)))
+from omni_ray.train.metrics import panels
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -24,8 +24,9 @@ def render_curves(history: list[dict], title: str = "") -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.6), dpi=100)  # a Figure without pyplot: no global state, thread-safe
-    axes = fig.subplots(1, len(PANELS))
-    for ax, (label, keys) in zip(axes, PANELS):
+    drawn = panels()  # train.metrics: each metric's panel
+    axes = fig.subplots(1, len(drawn))
+    for ax, (label, keys) in zip(axes, drawn):
         for key in keys:
             steps, values = _series(history, key)
             if steps:

@@ -18,6 +18,7 @@ import re
 import time
 
 from omni_ray.config import ConfigError
+from omni_ray.train.metrics import logged_as
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ TB_DIR = "tensorboard"
 LIBRARIES = {"tensorboard": ("tensorboardX", "pip install tensorboardX"),
              "mlflow": ("mlflow", "pip install 'omni_ray[mlflow]'"),
              "wandb": ("wandb", "pip install 'omni_ray[wandb]'")}
-# Report keys logged as they are (when present and numeric), under the name on the right.
-SCALARS = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-           "tokens_per_s": "perf/tokens_per_s", "samples_per_s": "perf/samples_per_s",
-           "skipped_steps": "train/skipped_steps", "memory_gb": "perf/memory_gb", "epoch": "train/epoch"}
 
 
 def check_loggers(names: list[str]) -> None:
@@ -47,7 +44,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\- /]")  # outside MLflow's metric-name alph
 def scalars(report: dict) -> dict[str, float]:
     """The loggable numbers of one report: fixed names, rejects by reason, nothing non-numeric."""
     out = {}
-    for key, name in SCALARS.items():
+    for key, name in logged_as().items():
         value = report.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)

@@ -15,9 +15,8 @@ import yaml
 from omni_ray import storage as st
 from omni_ray.observe.watch import CURVES, HISTORY
 from omni_ray.observe.loggers import TB_DIR
+from omni_ray.train.metrics import final_keys
 
-FINAL_KEYS = ("step", "total_steps", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s",
-              "samples_per_s", "samples_seen", "skipped_steps", "memory_gb", "frozen_unchanged")
 
 
 def _history(run_uri: str, storage) -> list[dict]:
@@ -75,7 +74,7 @@ def build_report(run_uri: str, storage=None) -> dict:
         "checkpoints": checkpoints,
         "last_checkpoint": checkpoints[-1] if checkpoints else None,
         "best_checkpoint": _best(checkpoints, history),
-        "final_metrics": {k: last[k] for k in FINAL_KEYS if k in last},
+        "final_metrics": {k: last[k] for k in final_keys() if k in last},
         "eval_losses": {int(r["step"]): r["eval_loss"] for r in history if r.get("eval_loss") is not None},
         "rejected": last.get("rejected", {}),
         "samples_by_source": last.get("samples_by_source", {}),

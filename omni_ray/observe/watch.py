@@ -37,15 +37,12 @@ from omni_ray import storage as st
 from omni_ray.observe.console import Progress, quiet_worker_logs
 from omni_ray.observe.curves import render_curves
 from omni_ray.observe.loggers import TB_DIR, open_loggers, scalars, trainable_counts
+from omni_ray.train.metrics import history_keys
 
 logger = logging.getLogger(__name__)
 
 HISTORY = "metrics.jsonl"
 CURVES = "curves.png"
-# Report keys kept in metrics.jsonl beside the scalars (the audit is kept once, in the first line).
-KEPT = ("step", "total_steps", "epoch", "loss", "eval_loss", "eval_tokens", "lr", "grad_norm", "tokens_per_s",
-        "samples_per_s", "samples_seen", "skipped_steps", "memory_gb", "rejected", "eval_page", "checkpoint",
-        "resumed_from_step", "frozen_unchanged", "samples_by_source", "rejected_by_source", "data_order")
 
 
 class _Inbox:
@@ -130,7 +127,7 @@ class RunWatcher:
         if not self.history:
             self.loggers.log(trainable_counts(report), step)
         self.loggers.log(scalars(report), step)
-        record = {k: report[k] for k in KEPT if k in report}
+        record = {k: report[k] for k in history_keys() if k in report}
         record["time"] = round(time.time(), 3)
         if not self.history and report.get("audit"):
             record["audit"] = report["audit"]
