@@ -174,16 +174,15 @@ class Bare(Side):
         self.autocast = cfg.train.precision == "bf16"
 
     def one_step(self, micro_batches):
-        from omni_ray.data.packing import is_packed
+        from omni_ray.data.batch import Batch
         from omni_ray.train.packing import packed_model_inputs
-        from omni_ray.train.step import NON_MODEL_KEYS
 
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["num_label_tokens"]) for b in micro_batches)
-        for batch in micro_batches:
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k not in NON_MODEL_KEYS[1:]}
-            if is_packed(batch):  # positions per sample, per-sample linear attention (omni_ray.train.packing)
-                inputs = packed_model_inputs(self.model, inputs)
+        for batch in map(Batch, micro_batches):
+            # positions per sample, per-sample linear attention for packed rows (omni_ray.train.packing)
+            inputs = packed_model_inputs(self.model, batch, self.device) if batch.packed else batch.model_inputs(self.device)
+            inputs["labels"] = batch.labels.to(self.device)  # the model computes its own loss, as HF Trainer's does
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.model(**inputs)
             # The model's loss is a token mean per micro-batch; weigh it by the step's tokens.

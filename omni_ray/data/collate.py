@@ -14,10 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from omni_ray.data.batch import TOKEN_PADDING, Batch
 from omni_ray.data.conversation import IGNORE_INDEX
-
-PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0,
-              "token_type_ids": 0}
 
 
 def _concat_padded(parts: list[np.ndarray], dim: int) -> np.ndarray:
@@ -32,17 +30,17 @@ def _concat_padded(parts: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def collate(samples: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
-            keep_alive: dict | None = None, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+            keep_alive: dict | None = None, pad_to_multiple: int = 1) -> Batch:
     samples = list(samples)
     needs_keep_alive = keep_alive is not None and not any(_has_vision(s) for s in samples)
     if needs_keep_alive:
         samples.append({**keep_alive, "labels": np.full_like(keep_alive["input_ids"], IGNORE_INDEX)})
     length = max(len(s["input_ids"]) for s in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
-    batch: dict[str, torch.Tensor] = {}
-    token_keys = [k for k in PAD_VALUES if k in samples[0] or k == "attention_mask"]
+    batch = Batch()
+    token_keys = [k for k in TOKEN_PADDING if k in samples[0] or k == "attention_mask"]
     for key in token_keys:
-        pad = pad_token_id if key == "input_ids" else PAD_VALUES[key]
+        pad = pad_token_id if key == "input_ids" else TOKEN_PADDING[key]
         out = np.full((len(samples), length), pad, dtype=np.int64)
         for i, s in enumerate(samples):
             row = s["input_ids"] if key == "attention_mask" else s[key]

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omni_ray.data.batch import IGNORE_INDEX, TOKEN_PADDING
 from omni_ray.data.errors import DataError
 from omni_ray.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
-IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _BLOCK_TYPE = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
 # Processors whose video path breaks on return_tensors="np" (InternVL flattens with torch's
@@ -189,9 +189,10 @@ class SampleProcessor:
         # An image inside a labelled turn is input, never something to predict.
         in_answer &= ~np.isin(ids, [t for t in (self.image_token_id, self.video_token_id) if t is not None])
         result = {"input_ids": ids, "labels": np.where(in_answer, ids, IGNORE_INDEX)}
-        for key in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3 marks image tokens in token_type_ids
-            if key in out:
-                result[key] = np.asarray(out[key][0], dtype=np.int64)
+        # Other per-token arrays the processor gives (Qwen-VL's mm_token_type_ids; Gemma 3 marks image
+        # tokens in token_type_ids); the attention mask is collate's to make.
+        for key in (k for k in TOKEN_PADDING if k in out and k not in result and k != "attention_mask"):
+            result[key] = np.asarray(out[key][0], dtype=np.int64)
         for key in self.image_inputs:
             if key in out and (images or videos):
                 result[key] = np.asarray(out[key])

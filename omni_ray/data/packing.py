@@ -29,14 +29,13 @@ import numpy as np
 import torch
 
 from omni_ray.config import ConfigError
+from omni_ray.data.batch import TOKEN_PADDING, Batch
 from omni_ray.data.collate import _concat_padded, _has_vision
 from omni_ray.data.conversation import IGNORE_INDEX
 
-# Per-token arrays of a processed sample that a packed row concatenates (input_ids and labels
-# always; mm_token_type_ids is Qwen-VL's image/text marker, needed for its 3-D rope).
-TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")
-# Keys of a packed batch that describe the packing, read by omni_ray.train.packing, never by the model.
-PACKING_KEYS = ("seq_lens", "seq_images", "seq_videos")
+# Per-token arrays of a processed sample that a packed row concatenates (a packed row has no
+# attention mask: position_ids and the sequence lengths mark the samples).
+TOKEN_KEYS = tuple(k for k in TOKEN_PADDING if k != "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def plan_rows(lengths: list[int], pack_tokens: int) -> list[list[int]]:
     return rows
 
 
-def pack_row(samples: list[dict], image_inputs: dict[str, int], keep_alive: dict | None = None) -> dict:
+def pack_row(samples: list[dict], image_inputs: dict[str, int], keep_alive: dict | None = None) -> Batch:
     """One packed row [1, sum of lengths] from whole processed samples (numpy arrays, as collate takes).
 
     ``keep_alive``: a processed one-image sample appended (labels ignored) when no sample in the row
@@ -110,7 +109,7 @@ def pack_row(samples: list[dict], image_inputs: dict[str, int], keep_alive: dict
     if needs_keep_alive:
         samples.append({**keep_alive, "labels": np.full_like(keep_alive["input_ids"], IGNORE_INDEX)})
     lengths = [len(s["input_ids"]) for s in samples]
-    batch: dict[str, torch.Tensor] = {}
+    batch = Batch()
     for key in (k for k in TOKEN_KEYS if k in samples[0]):
         batch[key] = torch.from_numpy(np.concatenate([np.asarray(s[key], dtype=np.int64) for s in samples]))[None]
     starts = np.cumsum([0, *lengths[:-1]])
@@ -129,7 +128,7 @@ def pack_row(samples: list[dict], image_inputs: dict[str, int], keep_alive: dict
 
 
 def pack_samples(samples: list[dict], pack_tokens: int, image_inputs: dict[str, int], *,
-                 keep_alive: dict | None = None) -> list[dict]:
+                 keep_alive: dict | None = None) -> list[Batch]:
     """Pack processed samples into rows of at most ``pack_tokens`` tokens: one batch dict per row.
 
     Each dict goes to ``train_step`` like a collated micro-batch. A row that needed the vision
@@ -140,9 +139,5 @@ def pack_samples(samples: list[dict], pack_tokens: int, image_inputs: dict[str, 
     return [pack_row([samples[i] for i in row], image_inputs, keep_alive) for row in rows]
 
 
-def is_packed(batch: dict) -> bool:
-    return "seq_lens" in batch
-
-
-__all__ = ["PACKING_KEYS", "PACKING_RULES", "PackingRule", "check_packing", "is_packed", "pack_row",
+__all__ = ["PACKING_RULES", "PackingRule", "check_packing", "pack_row",
            "pack_samples", "plan_rows"]

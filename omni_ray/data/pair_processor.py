@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from omni_ray.data.batch import TOKEN_PADDING, Batch
 from omni_ray.data.conversation import IGNORE_INDEX, SampleProcessor
 from omni_ray.data.errors import DataError
 
-_TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")
+_TOKEN_KEYS = tuple(k for k in TOKEN_PADDING if k != "attention_mask")  # a processed sample has no mask
 
 
 class _Recorder:
@@ -146,7 +147,7 @@ PER_IMAGE_KEYS = ("image_grid_thw", "video_grid_thw", "target_sizes", "target_si
 
 
 def collate_pairs(pairs: list[dict], image_inputs: dict[str, int], pad_token_id: int = 0,
-                  pad_to_multiple: int = 1) -> dict:
+                  pad_to_multiple: int = 1) -> Batch:
     """One batch of 2P rows, [chosen_0 .. chosen_P-1, rejected_0 .. rejected_P-1], pixels once.
 
     Token arrays are padded as SFT's ``collate`` pads them; ``pairs`` = P. Pixel arrays hold each

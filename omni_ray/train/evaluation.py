@@ -40,10 +40,11 @@ import torch
 import torch.distributed as dist
 
 from omni_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from omni_ray.data.collate import PAD_VALUES, collate
+from omni_ray.data.batch import TOKEN_PADDING, Batch
+from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, decode
 from omni_ray.storage import StorageConfig
-from omni_ray.train.step import NON_MODEL_KEYS, model_loss
+from omni_ray.train.step import model_loss
 
 
 
@@ -111,7 +112,7 @@ def _prompt(row: dict, arrays: dict, sp, pre) -> Prompt:
     # The first answer's labelled span ends with the end-of-turn token: generation stops there.
     run_end = first + int(np.argmax(np.diff(np.append(answer_at, answer_at[-1] + 2)) > 1))
     stop = {int(labels[run_end])} | ({sp.tokenizer.eos_token_id} if sp.tokenizer.eos_token_id is not None else set())
-    cut = {k: (v[:first] if k in PAD_VALUES else v) for k, v in arrays.items()}  # every per-token array
+    cut = {k: (v[:first] if k in TOKEN_PADDING else v) for k, v in arrays.items()}  # every per-token array
     messages = json.loads(row["messages"])
     turn = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     images = [encode_png(image) for image in pre._inputs(row)[0]]  # the images the model saw, as PNG
@@ -125,10 +126,6 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
-
-
-def _inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
 class SingleProcess:
@@ -158,19 +155,19 @@ def eval_loss(engine, evalset: EvalSet, rank: int, world: int, device, batch_siz
         if not chunk and evalset.keep_alive is None:
             continue  # one process (no peers to keep in step)
         batch = collate(chunk, evalset.image_inputs, evalset.pad_id, evalset.keep_alive)
-        loss_sum += float(model_loss(engine, _inputs(batch, device), batch["labels"]))
-        tokens += float(batch["num_label_tokens"])
+        loss_sum += float(model_loss(engine, batch.model_inputs(device), batch.labels))
+        tokens += float(batch.label_tokens)
     loss_sum, tokens = _sum_across_ranks([loss_sum, tokens])
     return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
 
 
-def left_padded(batch: dict) -> dict:
+def left_padded(batch: Batch) -> Batch:
     """The batch's per-token arrays with each row's padding moved to its start: generation appends
     new tokens at the end of every row, so the prompts must end there."""
     length = batch["attention_mask"].shape[1]
     shifts = (length - batch["attention_mask"].sum(1)).tolist()
-    return {k: torch.stack([row.roll(int(n)) for row, n in zip(v, shifts)]) if k in PAD_VALUES else v
-            for k, v in batch.items()}
+    return Batch({k: torch.stack([row.roll(int(n)) for row, n in zip(v, shifts)]) if k in TOKEN_PADDING else v
+                  for k, v in batch.items()})
 
 
 def _until_stop(tokens: list[int], prompt: Prompt) -> list[int]:
@@ -188,7 +185,7 @@ def generate_tokens(engine, prompts: list[Prompt], evalset: EvalSet, device, max
     answers = []
     for start in range(0, len(prompts), batch_size):
         group = prompts[start:start + batch_size]
-        inputs = _inputs(left_padded(collate([p.arrays for p in group], evalset.image_inputs, evalset.pad_id)), device)
+        inputs = left_padded(collate([p.arrays for p in group], evalset.image_inputs, evalset.pad_id)).model_inputs(device)
         # A fresh config: a checkpoint's generation_config.json (sampling, temperature) must not apply.
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                   eos_token_id=sorted({t for p in group for t in p.stop_ids}),
@@ -214,12 +211,12 @@ def generate_recompute(engine, prompt: Prompt, evalset: EvalSet, device, max_new
     """
     arrays, new = dict(prompt.arrays), []
     for _ in range(max_new_tokens):
-        logits = engine.forward(_inputs(collate([arrays], evalset.image_inputs, evalset.pad_id), device)).logits
+        logits = engine.forward(collate([arrays], evalset.image_inputs, evalset.pad_id).model_inputs(device)).logits
         token = int(logits[0, -1].argmax())
         if token in prompt.stop_ids:
             break
         new.append(token)
-        for key in PAD_VALUES:
+        for key in TOKEN_PADDING:
             if key in arrays:
                 extra = token if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
                 arrays[key] = np.append(arrays[key], extra)

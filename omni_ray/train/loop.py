@@ -93,7 +93,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         micro = batches.next_step(cfg.train.grad_accum)
         # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
         # after a resume onto another world size) trains on an empty batch until all are done.
-        step_tokens, ranks_with_data = _all_reduce([sum(int(b["num_label_tokens"]) for b in micro), bool(micro)])
+        step_tokens, ranks_with_data = _all_reduce([sum(b.label_tokens for b in micro), bool(micro)])
         if ranks_with_data == 0:  # the epoch is over on every rank
             batches.next_epoch()
             continue

@@ -25,7 +25,8 @@ import functools
 import torch
 
 from omni_ray.config import ConfigError
-from omni_ray.data.packing import PACKING_KEYS, PACKING_RULES
+from omni_ray.data.batch import Batch
+from omni_ray.data.packing import PACKING_RULES
 
 RECURRENT_LAYERS = ("Qwen3_5GatedDeltaNet",)
 """Class names of layers with state along the sequence; checked in transformers 5.24 (qwen3_5)."""
@@ -37,16 +38,16 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def packed_model_inputs(model: torch.nn.Module, inputs: dict) -> dict:
-    """Forward kwargs for one packed row; ``inputs`` holds the packing keys (``seq_lens``, ...)."""
+def packed_model_inputs(model: torch.nn.Module, batch: Batch, device: torch.device | str | None = None) -> dict:
+    """Forward kwargs for one packed row (``batch.packed``), on ``device``."""
     base = base_model(model)
     model_type = base.config.model_type
     rule = PACKING_RULES.get(model_type)
     if rule is None:
         raise ConfigError(f"data.packing: not supported for {model_type!r} (supported: {sorted(PACKING_RULES)}); "
                           "set data.packing: false")
-    seq_lens, seq_images, seq_videos = (inputs[k] for k in PACKING_KEYS)
-    out = {k: v for k, v in inputs.items() if k not in PACKING_KEYS and k != "attention_mask"}
+    seq_lens, seq_images, seq_videos = batch.packing(device)
+    out = {k: v for k, v in batch.model_inputs(device).items() if k != "attention_mask"}
     out["use_cache"] = False
     recurrent = segment_recurrent_layers(base)
     if recurrent and not rule.varlen_kwargs:

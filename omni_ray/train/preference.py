@@ -94,6 +94,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from omni_ray.config import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SMOOTHED as SMOOTHED
+from omni_ray.data.batch import Batch
 from omni_ray.data.conversation import IGNORE_INDEX
 from omni_ray.train.loss import chunk_tokens
 
@@ -234,19 +235,15 @@ def shared_vision(model: torch.nn.Module):
             delattr(inner, name)  # the class's method again
 
 
-#: Batch entries of ``collate_pairs`` that are not model inputs.
-PAIR_NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive", "pairs")
-
-
-def pair_logps(forward, model: torch.nn.Module, batch: dict, reference=None) -> PairLogps:
+def pair_logps(forward, model: torch.nn.Module, batch: Batch, reference=None) -> PairLogps:
     """Policy (and reference) log-probs of a ``collate_pairs`` batch: one forward of its 2P rows each.
 
     ``forward(inputs)`` runs the (wrapped) model, e.g. ``engine.forward``; ``model`` is the unwrapped
     one (its output projection and vision module are patched for the block). ``reference`` is a
     ``ReferencePolicy`` (None for SimPO); its forward runs first, without gradients.
     """
-    inputs = {k: v for k, v in batch.items() if k not in PAIR_NON_MODEL_KEYS}
-    labels, head = batch["labels"], model.get_output_embeddings()
+    inputs = batch.model_inputs()
+    labels, head = batch.labels, model.get_output_embeddings()
     ref = None
     if reference is not None:
         with reference.active(), shared_vision(model), head_logps(head, labels):

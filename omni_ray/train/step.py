@@ -11,13 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ray.data.conversation import IGNORE_INDEX
-from omni_ray.data.packing import is_packed
+from omni_ray.data.batch import Batch
 from omni_ray.strategies.base import StepStats, Strategy
 from omni_ray.train.loss import head_loss, token_loss_sum
 from omni_ray.train.packing import packed_model_inputs
-
-NON_MODEL_KEYS = ("labels", "num_label_tokens", "keep_alive")
 
 
 @dataclass(frozen=True)
@@ -62,24 +59,17 @@ def train_step(engine: Strategy, micro_batches: list[dict], step_tokens: float, 
     """
     engine.zero_grad()
     loss_sum, label_tokens, samples, tokens, keep_alive, positions = 0.0, 0, 0, 0, 0, 0
-    for batch in micro_batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
-        if is_packed(batch):  # omni_ray.data.packing: samples end to end in one row
-            inputs = packed_model_inputs(engine.unwrapped(), inputs)
-        loss = model_loss(engine, inputs, batch["labels"])
+    for batch in map(Batch, micro_batches):
+        if batch.packed:  # omni_ray.data.packing: samples end to end in one row
+            inputs = packed_model_inputs(engine.unwrapped(), batch, device)
+        else:
+            inputs = batch.model_inputs(device)
+        loss = model_loss(engine, inputs, batch.labels)
         engine.backward(loss * world_size / max(step_tokens, 1.0))
         loss_sum += float(loss.detach())
-        label_tokens += int(batch["num_label_tokens"])
-        samples += _samples(batch)
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        label_tokens += batch.label_tokens
+        samples += batch.samples()
+        tokens += batch.real_tokens()
         positions += batch["input_ids"].numel()
-        keep_alive += int(batch["keep_alive"])
+        keep_alive += int(batch.keep_alive)
     return StepResult(loss_sum, label_tokens, samples, tokens, keep_alive, engine.step(), positions)
-
-
-def _samples(batch: dict) -> int:
-    """Samples with at least one label token in a padded batch (one per row) or a packed row (one per segment)."""
-    labelled = batch["labels"] != IGNORE_INDEX
-    if not is_packed(batch):
-        return int(labelled.any(1).sum())
-    return sum(int(part.any()) for part in torch.split(labelled[0], batch["seq_lens"].tolist()))

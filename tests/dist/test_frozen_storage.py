@@ -105,7 +105,8 @@ def _full_grads(engine, engine_name: str) -> dict[str, torch.Tensor]:
 
 def checkpointing_case(raw: dict, batch: dict, engine_name: str) -> dict:
     """One forward+backward with and without gradient checkpointing on the same model and batch."""
-    from omni_ray.train.step import NON_MODEL_KEYS, model_loss
+    from omni_ray.data.batch import Batch
+    from omni_ray.train.step import model_loss
 
     runs = {}
     for on in (False, True):
@@ -115,7 +116,7 @@ def checkpointing_case(raw: dict, batch: dict, engine_name: str) -> dict:
         layer0 = next(m for n, m in model.named_modules() if n.endswith("language_model.layers.0.mlp"))
         calls = []
         hook = layer0.register_forward_pre_hook(lambda *_: calls.append(1))
-        inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+        inputs = Batch(batch).model_inputs()
         loss = model_loss(engine, inputs, batch["labels"])
         engine.backward(loss / float(batch["num_label_tokens"]))
         hook.remove()

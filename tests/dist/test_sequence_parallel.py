@@ -76,11 +76,11 @@ def _batches(path: str) -> dict:
 
 
 def _model_inputs(model, batch: dict) -> dict:
-    from omni_ray.data.packing import is_packed
+    from omni_ray.data.batch import Batch
     from omni_ray.train.packing import packed_model_inputs
 
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens", "keep_alive")}
-    return packed_model_inputs(model, inputs) if is_packed(batch) else inputs
+    batch = Batch(batch)
+    return packed_model_inputs(model, batch) if batch.packed else batch.model_inputs()
 
 
 def _load(path: str, case: str):

@@ -83,13 +83,12 @@ def test_eval_loss_is_trainings_chunked_loss(tmp_path_factory, uneven_eval, monk
     engine = SingleProcess(model)
     # The reference: full logits, the mean token loss over the set.
     from omni_ray.data.collate import collate
-    from omni_ray.train.evaluation import _inputs
 
     total, tokens = 0.0, 0
     with torch.no_grad():
         for sample in evalset.samples:
             batch = collate([sample], evalset.image_inputs, evalset.pad_id)
-            total += float(token_loss_sum(model(**_inputs(batch, "cpu")).logits, batch["labels"]))
+            total += float(token_loss_sum(model(**batch.model_inputs("cpu")).logits, batch["labels"]))
             tokens += int(batch["num_label_tokens"])
 
     head = model.get_output_embeddings()

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from omni_ray.data.batch import Batch
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import SampleProcessor
 from omni_ray.data.packing import PACKING_RULES, pack_samples
@@ -31,9 +32,6 @@ from omni_ray.train.packing import packed_model_inputs
 
 ARCHS = ["minicpmv4_6", "qwen2_vl", "qwen2_5_vl", "llava", "qwen3_vl", "internvl", "idefics3", "smolvlm", "llava_onevision"]
 RTOL = 1e-4
-NON_MODEL = ("labels", "num_label_tokens", "keep_alive")
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def arch(request, tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -61,9 +59,8 @@ def _samples(processor) -> dict:
 
 
 def _run(model, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL}
-    if "seq_lens" in inputs:
-        inputs = packed_model_inputs(model, inputs)
+    batch = Batch(batch)
+    inputs = packed_model_inputs(model, batch) if batch.packed else batch.model_inputs()
     with torch.no_grad():
         return model(**inputs).logits
 
