@@ -56,12 +56,34 @@ def validate(cfg: Config) -> Validated:
     if cfg.train.eval_every and not cfg.data.eval:
         raise ConfigError("train.eval_every: set, but data.eval is not; point data.eval at a JSON/JSONL file or a "
                           "prepared prefix (same formats as data.train), or remove train.eval_every")
+    if cfg.data.eval:
+        check_eval(cfg, hf_config)
     if cfg.lora.qlora and not cfg.scaling.use_gpu:
         raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     return Validated(spec, plan, hf_config)
+
+
+def check_eval(cfg: Config, hf_config: dict) -> None:
+    """What evaluation asks of the model must fit it, refused before the run (not mid-run).
+
+    A prompt is at most ``data.model_max_length`` tokens and generation adds ``eval.max_new_tokens``:
+    past the model's position range the answers are garbage (or the rope tables run out). An eval
+    batch larger than a training micro-batch is warned about: without gradients it often fits, but
+    the run was sized for training's batch (at eval.batch_size unset, evaluation never needs more).
+    """
+    text = hf_config.get("text_config") or {}
+    limit = text.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
+    if limit and cfg.data.model_max_length + cfg.eval.max_new_tokens > limit:
+        raise ConfigError(f"eval.max_new_tokens: {cfg.eval.max_new_tokens} new tokens after a prompt of up to "
+                          f"data.model_max_length={cfg.data.model_max_length} pass the model's {limit} positions; "
+                          f"lower eval.max_new_tokens to {max(limit - cfg.data.model_max_length, 1)} or less")
+    if cfg.eval.batch_size and cfg.eval.batch_size > cfg.train.micro_batch_size:
+        log.warning("eval.batch_size: %d samples per eval forward is more than a training micro-batch "
+                    "(train.micro_batch_size=%d), which the memory estimate is for; if evaluation runs out of "
+                    "memory, lower eval.batch_size or leave it unset", cfg.eval.batch_size, cfg.train.micro_batch_size)
 
 
 def memory_estimate(cfg: Config, checked: Validated) -> tuple[str, str | None]:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,8 +45,11 @@ from omni_ray.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from omni_ray.data.batch import TOKEN_PADDING, Batch
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import IGNORE_INDEX, decode
+from omni_ray.data.errors import DataError
 from omni_ray.storage import StorageConfig
 from omni_ray.train.step import model_loss
+
+log = logging.getLogger(__name__)
 
 
 
@@ -62,13 +67,23 @@ class Prompt:
 
 @dataclass
 class EvalSet:
-    samples: list[dict]  # processed samples (numpy arrays) for the loss
-    prompts: list[Prompt]
+    """data.eval as every rank holds it: the rows (paths or image bytes, as read), not their processed
+    arrays, which are made again batch by batch at each evaluation. Memory is then the rows plus one
+    batch, whatever the eval set's size (processed, one 10-slice photo is ~24 MB of fp32 pixels)."""
+
+    rows: list[dict]  # rows of data.eval that process cleanly, in source order
+    prompts: list[Prompt]  # the first eval.num_samples, processed (their arrays kept: few)
+    process: Callable[[dict], dict]  # row -> processed sample (numpy arrays), as at load
     rejected: dict[str, int] = field(default_factory=dict)
     image_inputs: dict = field(default_factory=dict)
     pad_id: int = 0
     keep_alive: dict | None = None
     tokenizer: object = None
+
+    def samples(self, rows: list[dict] | None = None) -> Iterator[dict]:
+        """Processed samples of ``rows`` (default: all), one at a time."""
+        for row in self.rows if rows is None else rows:
+            yield self.process(row)
 
     @classmethod
     def load(cls, data: DataConfig, model: ModelConfig, storage: StorageConfig | None, num_samples: int,
@@ -79,17 +94,28 @@ class EvalSet:
         pre = Preprocess(model, storage, data.model_max_length, data.max_image_pixels, data.max_image_bytes,
                          data.read_timeout_s, data.video_fps, data.video_max_frames)
         sp = pre.sample_processor
-        samples, prompts, rejected = [], [], {}
+        rows, prompts, rejected = [], [], {}
         for row in read_rows(data.eval, data, storage):
             out = pre.process_row(row)
             if out["reason"]:
                 rejected[out["reason"]] = rejected.get(out["reason"], 0) + 1
                 continue
-            arrays = decode(out["sample"])
-            samples.append(arrays)
+            rows.append(row)
             if len(prompts) < num_samples:
-                prompts.append(_prompt(row, arrays, sp, pre))
-        return cls(samples, prompts, rejected, sp.image_inputs, sp.tokenizer.pad_token_id or 0, keep_alive,
+                prompts.append(_prompt(row, decode(out["sample"]), sp, pre))
+        if num_samples > len(prompts):
+            log.warning("eval.num_samples: %d, but data.eval has %d usable samples; the eval page shows %d",
+                        num_samples, len(prompts), len(prompts))
+
+        def process(row: dict) -> dict:
+            out = pre.process_row(row)
+            if out["reason"]:  # it processed at load: its image changed or went away since
+                raise DataError(out["reason"], f"data.eval: sample {row.get('id')!r} processed when the run "
+                                f"started and does not now ({out.get('detail') or out['reason']}); "
+                                "restore it or remove it from data.eval")
+            return decode(out["sample"])
+
+        return cls(rows, prompts, process, rejected, sp.image_inputs, sp.tokenizer.pad_token_id or 0, keep_alive,
                    sp.tokenizer)
 
 
@@ -147,11 +173,11 @@ class SingleProcess:
 @torch.no_grad()
 def eval_loss(engine, evalset: EvalSet, rank: int, world: int, device, batch_size: int) -> dict:
     """Mean token loss over the whole eval set (collective). Returns eval_loss and eval_tokens."""
-    mine = evalset.samples[rank::world]
-    most = -(-len(evalset.samples) // world)  # samples on the fullest rank: all ranks run its batch count
+    mine = evalset.rows[rank::world]
+    most = -(-len(evalset.rows) // world)  # samples on the fullest rank: all ranks run its batch count
     loss_sum, tokens = 0.0, 0.0
     for start in range(0, most, batch_size):
-        chunk = mine[start:start + batch_size]
+        chunk = list(evalset.samples(mine[start:start + batch_size]))
         if not chunk and evalset.keep_alive is None:
             continue  # one process (no peers to keep in step)
         batch = collate(chunk, evalset.image_inputs, evalset.pad_id, evalset.keep_alive)

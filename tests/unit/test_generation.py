@@ -86,7 +86,7 @@ def test_eval_loss_is_trainings_chunked_loss(tmp_path_factory, uneven_eval, monk
 
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for sample in evalset.samples:
+        for sample in evalset.samples():
             batch = collate([sample], evalset.image_inputs, evalset.pad_id)
             total += float(token_loss_sum(model(**batch.model_inputs("cpu")).logits, batch["labels"]))
             tokens += int(batch["num_label_tokens"])
@@ -100,3 +100,43 @@ def test_eval_loss_is_trainings_chunked_loss(tmp_path_factory, uneven_eval, monk
     assert got["eval_tokens"] == tokens
     assert got["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert full_logits == [], "eval asked the output projection for full logits"
+
+
+def test_the_eval_set_holds_rows_not_pixels_and_a_vanished_image_is_named(tmp_path, tiny_minicpmv):
+    import numpy as np
+
+    from omni_ray.data.errors import DataError
+
+    train, eval_file = make_color_dataset(tmp_path, n_train=2, n_eval=3)
+    cfg = load_config({"model": {"path": str(tiny_minicpmv)},
+                       "data": {"train": str(train), "eval": str(eval_file), "model_max_length": 128}})
+    evalset = EvalSet.load(cfg.data, cfg.model, cfg.storage, num_samples=1)
+    assert len(evalset.rows) == 3 and len(evalset.prompts) == 1
+    assert not any(isinstance(v, np.ndarray) for row in evalset.rows for v in row.values())
+    model, _, _ = restore_model(cfg.model, cfg.freeze, cfg.lora, cfg.train, cfg.storage)
+    first = eval_loss(SingleProcess(model), evalset, 0, 1, "cpu", batch_size=2)
+    assert first == eval_loss(SingleProcess(model), evalset, 0, 1, "cpu", batch_size=2)  # processed again, same
+    image = json.loads(eval_file.read_text().splitlines()[2])["image"]
+    (eval_file.parent / image).unlink()
+    with pytest.raises(DataError, match=r"data.eval: sample 'eval-2' processed when the run started and does not now"):
+        eval_loss(SingleProcess(model), evalset, 0, 1, "cpu", batch_size=2)
+
+
+def test_eval_settings_beyond_the_model_are_refused_before_the_run(tiny_minicpmv, color_data, caplog):
+    from omni_ray.config import ConfigError
+    from omni_ray.launch.driver import validate
+
+    limit = json.loads((tiny_minicpmv / "config.json").read_text())["text_config"]["max_position_embeddings"]
+
+    def config(**eval_cfg):
+        return load_config({"model": {"path": str(tiny_minicpmv)}, "eval": eval_cfg,
+                            "data": {"train": str(color_data[0]), "eval": str(color_data[1]), "model_max_length": 64},
+                            "train": {"micro_batch_size": 2}})
+
+    with pytest.raises(ConfigError, match=rf"eval.max_new_tokens: {limit} new tokens .* lower eval.max_new_tokens "
+                                          rf"to {limit - 64} or less"):
+        validate(config(max_new_tokens=limit))
+    validate(config(max_new_tokens=limit - 64))
+    with caplog.at_level("WARNING"):
+        validate(config(batch_size=8))
+    assert "eval.batch_size: 8 samples per eval forward is more than a training micro-batch" in caplog.text
