@@ -18,11 +18,17 @@ stored in bf16 and trained ones in fp32 (``train.frozen_dtype: auto``); the esti
 layout ``layout_of`` derives from those settings. Each row also prints the weight bytes as the
 engine stores them beside an all-fp32 copy.
 
+Evaluation beside training (same model, same tokens): the eval loss through the chunked loss,
+the eval loss from full logits (the previous way), and KV-cache generation of 64 tokens, each
+with no gradients; prints ``eval peak / training step peak = X`` (X <= 1: evaluation never needs
+more than the step the run is sized for).
+
 Then the real MiniCPM-V 4.6 at full size (1.30B, random init from its config; bf16 frozen base,
 vision and projector frozen, fp32 LoRA r=64 on the LLM): two measured steps, and the estimate
 for a 24 GiB GPU at its training shape (2048 tokens).
 
     python bench/memory.py [--seq 256] [--full-config PATH/config.json] [--skip-full] [--only-low-precision]
+                           [--only-eval]
 """
 
 from __future__ import annotations
@@ -101,6 +107,49 @@ def side_by_side(seq: int) -> dict:
     return measured_by
 
 
+def eval_beside_training(seq: int, new_tokens: int = 64) -> float:
+    """Peak live bytes of evaluation beside a training step, same model and tokens (vision frozen + LoRA).
+
+    Training: two steps with the chunked loss (what ``train_step`` runs). Evaluation: the eval loss
+    as ``train/evaluation.py`` takes it (no gradients, the same chunked loss), the eval loss the
+    previous way (full logits), and greedy generation of ``new_tokens`` with the KV cache after a
+    ``seq``-token prompt. Returns evaluation's peak (loss or generation) / the training step's.
+    """
+    from omni_ray.memory import LiveTensorBytes
+    from omni_ray.train.loss import head_loss, token_loss_sum
+
+    torch.manual_seed(0)
+    build = model_factory(bench_config())
+    spec, lora = get_spec("minicpmv4_6"), LoraConfig(r=16, alpha=32, dropout=0.0)
+    model = build()
+    plan = plan_freeze(((n, tuple(p.shape)) for n, p in model.named_parameters()), spec,
+                       FreezeConfig(**FREEZE_MAPS["vision frozen + LoRA"]), lora, 1e-4)
+    model = apply_plan(model, plan, lora)
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
+    train_peak = measure(model, True, seq)
+    model.eval()
+    peaks = {}
+    with torch.no_grad():
+        for name in ("eval loss, chunked", "eval loss, full logits", f"generation, {new_tokens} tokens"):
+            tracker = LiveTensorBytes()
+            with tracker:
+                if name.startswith("generation"):
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                elif "chunked" in name:
+                    with head_loss(model.get_output_embeddings(), ids):
+                        model(input_ids=ids, use_cache=False)
+                else:
+                    token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)
+            peaks[name] = tracker.peak
+    print(f"training step (chunked loss)   {train_peak / MiB:8.1f} MiB", flush=True)
+    for name, peak in peaks.items():
+        print(f"{name:<30} {peak / MiB:8.1f} MiB  ({peak / train_peak:.2f} x the training step)", flush=True)
+    worst = max(peaks["eval loss, chunked"], peaks[f"generation, {new_tokens} tokens"])
+    print(f"eval peak / training step peak = {worst / train_peak:.2f}", flush=True)
+    return worst / train_peak
+
+
 def low_precision_frozen(seq: int) -> None:
     """Estimate vs measured with bf16 frozen weights, each model wrapped by the FSDP2 engine."""
     from omni_ray.config import ScalingConfig, StrategyConfig, TrainConfig
@@ -172,6 +221,7 @@ def main() -> None:
     parser.add_argument("--full-seq", type=int, default=128)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--only-low-precision", action="store_true", help="only the bf16-frozen rows")
+    parser.add_argument("--only-eval", action="store_true", help="only evaluation beside a training step")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"device CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, vocab {VOCAB}, "
@@ -179,7 +229,11 @@ def main() -> None:
     if args.only_low_precision:
         low_precision_frozen(args.seq)
         return
+    if args.only_eval:
+        eval_beside_training(args.seq)
+        return
     measured = side_by_side(args.seq)
+    eval_beside_training(args.seq)
     low_precision_frozen(args.seq)
     if not args.skip_full:
         path = args.full_config or next((p for p in FULL_CONFIG_CANDIDATES if Path(p).exists()), None)
