@@ -331,11 +331,16 @@ class Evaluator:
         return step != self.done_at and (step == total_steps or bool(self.every and step % self.every == 0))
 
     def __call__(self, engine, step: int, rank: int, world: int, device) -> dict:
+        import time
+
         from omni_ray import storage as st
 
+        start = time.perf_counter()
         result = evaluate(engine, self.evalset, rank, world, device, self.batch_size, self.cfg.max_new_tokens)
         self.done_at = step
-        metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"]}
+        metrics = {"eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"],
+                   "eval_seconds": time.perf_counter() - start, "eval_samples": len(self.evalset.rows),
+                   "eval_answers": len(result["answers"])}
         if result["answers"] and self.run_uri:
             metrics["eval_page"] = page_name(step)
             if rank == 0:

@@ -73,6 +73,10 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("eval_loss", "mean token loss over the whole eval set", logged_as="eval/loss", final=True,
            panel="loss", status=lambda v: f"eval_loss {v:.4f}"),
     Metric("eval_tokens", "label tokens in the eval set"),
+    Metric("eval_seconds", "wall time of this evaluation (loss over the set and the answers)",
+           logged_as="perf/eval_seconds"),
+    Metric("eval_samples", "eval samples the loss covered"),
+    Metric("eval_answers", "eval prompts answered (eval.num_samples, or fewer usable)"),
     Metric("eval_page", "the eval page of this step, relative to the run directory"),
     Metric("checkpoint", "the checkpoint saved at this step (added by the driver)"),
 )}
