@@ -138,14 +138,15 @@ def job(workdir: Path, model_dir: Path, train: Path, eval_file: Path, engine: st
 
 
 def kill_after_first_checkpoint(run_uri: str, storage, proc: subprocess.Popen, box: dict) -> None:
-    """SIGKILL one Ray Train worker (a child of the driver) once a checkpoint manifest is in S3."""
+    """SIGKILL one Ray Train worker (a child of the driver) once a whole checkpoint is in S3 (as the
+    resume judges it: Ray Train uploads the files in no fixed order, the manifest may come first)."""
     import psutil
 
-    from omni_ray import storage as st
+    from omni_ray.train.checkpoint import find_latest
 
     while proc.poll() is None:
         try:
-            done = any(f.endswith("/manifest.json") for f in st.list_files(run_uri, storage))
+            done = find_latest(run_uri, storage) is not None
         except (FileNotFoundError, OSError):
             done = False
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
