@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
+from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan, plan_freeze
 from omni_ray.launch import lease
 from omni_ray.launch.stops import Stopped, StopNow, Stopper, stopped_message
@@ -70,7 +71,6 @@ def validate(cfg: Config) -> Validated:
 def check_objective(cfg: Config) -> None:
     """Pairs given to SFT, or SFT conversations given to DPO, are refused from the first records of each
     data.train source (and data.eval), naming the key; evaluation over pairs is not wired yet."""
-    from omni_ray.data.errors import DataSourceError
     from omni_ray.data.mixture import check_sources
     from omni_ray.data.pairs import objective_mismatch
     from omni_ray.data.sources import first_records
@@ -80,13 +80,12 @@ def check_objective(cfg: Config) -> None:
                           "dpo; remove data.eval (and train.eval_every), or train with train.objective: sft")
     mixture = cfg.data.is_mixture()
     try:
-        sources = check_sources(cfg.data, cfg.storage)
-    except DataSourceError:  # a missing or unusable source: the data checks name it (describe_data, plan_data)
+        heads = [(source, first_records(source, cfg.storage)) for source in check_sources(cfg.data, cfg.storage)]
+    except UserError:  # a missing or unreadable source: the data checks name it (describe_data, plan_data)
         return
-    for i, source in enumerate(sources):
+    for i, (source, records) in enumerate(heads):
         key = f"data.train[{i}]" if mixture else "data.train"
-        problem = objective_mismatch(first_records(source, cfg.storage), cfg.train.objective,
-                                     source.units[0].uri if source.units else key, key)
+        problem = objective_mismatch(records, cfg.train.objective, source.units[0].uri if source.units else key, key)
         if problem:
             raise ConfigError(problem)
 
