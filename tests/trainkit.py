@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from omni_ray.config import Config
 from omni_ray.data.pipeline import Preprocess
-from omni_ray.data.reader import iter_rows
+from omni_ray.data.reader import InputPolicy, iter_rows
 from omni_ray.train.loop import run
 from omni_ray.train.session import ListIterator, LocalSession
 
 
 def processed_rows(cfg: Config, files) -> list[dict]:
     """The rows Ray Data would stream to a worker for one annotation file or a list of them, read in
-    order as one dataset (preprocessed in this process)."""
-    pre = Preprocess(cfg.model, None, cfg.data.model_max_length)
+    order as one dataset (preprocessed in this process; pairs under ``train.objective: dpo``)."""
+    pairs = cfg.train.objective == "dpo"
+    pre = Preprocess(cfg.model, None, cfg.data.model_max_length, pairs=pairs)
     files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
-    return [pre.process_row(r) for r in iter_rows(files, None)]
+    return [pre.process_row(r) for r in iter_rows(files, None, InputPolicy(pairs=pairs))]
 
 
 def local_run(cfg: Config, rows: list[dict], checkpoint_dir: str | None = None) -> LocalSession:

@@ -41,12 +41,16 @@ class Preprocess:
 
     def __init__(self, model: ModelConfig, storage: StorageConfig | None, model_max_length: int,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 read_timeout_s: float = 60.0, video_fps: float = 2.0, video_max_frames: int = 16):
+                 read_timeout_s: float = 60.0, video_fps: float = 2.0, video_max_frames: int = 16,
+                 pairs: bool = False):
+        from omni_ray.data.pair_processor import PairProcessor
         from omni_ray.models.loading import load_processor, local_model_dir, read_hf_config, resolve_spec
 
         spec = resolve_spec(model, read_hf_config(model, storage))
         processor = load_processor(model, local_model_dir(model, storage))
         self.sample_processor = SampleProcessor(processor, model_max_length, spec.image_inputs)
+        # train.objective: dpo: rows are pairs (reader.to_row), processed with their images once.
+        self.pair_processor = PairProcessor(processor, model_max_length, spec.image_inputs) if pairs else None
         self.storage = storage
         self.max_image_pixels = max_image_pixels
         self.read_limits = {"max_bytes": max_image_bytes, "timeout_s": read_timeout_s}
@@ -78,6 +82,8 @@ class Preprocess:
             return {**out, "reason": row["reason"], "detail": row.get("detail", "")}
         try:
             images, videos, tools = self._inputs(row)
+            if self.pair_processor is not None:
+                return {**out, **self._pair(json.loads(row["messages"]), images, videos, tools)}
             arrays = self.sample_processor(json.loads(row["messages"]), images, videos, tools)
         except DataError as err:
             return {**out, "reason": err.reason, "detail": err.detail}
@@ -88,6 +94,14 @@ class Preprocess:
         return {**out, "sample": encode(arrays), "num_tokens": len(ids), "num_images": int(arrays["num_images"]),
                 "num_image_tokens": self.sample_processor.visual_tokens(ids),
                 "dropped_rounds": int(arrays["dropped_rounds"])}
+
+    def _pair(self, pair: dict, images: list, videos: list, tools: list | None) -> dict:
+        """The processed columns of one preference pair (``num_tokens``: both answers' rows)."""
+        arrays = self.pair_processor(pair["prompt"], pair["chosen"], pair["rejected"], images, videos, tools)
+        chosen = arrays["chosen_input_ids"]
+        return {"sample": encode(arrays), "num_tokens": len(chosen) + len(arrays["rejected_input_ids"]),
+                "num_images": int(arrays["num_images"]),
+                "num_image_tokens": self.sample_processor.visual_tokens(chosen), "dropped_rounds": 0}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         n = len(batch["id"])
@@ -224,13 +238,14 @@ def as_plan(source, data: DataConfig, storage: StorageConfig | None, seed: int =
     return plan_data(data, storage, seed)
 
 
-def read_source(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0):
-    """The unprocessed rows of ``source`` (see :func:`as_plan`) as a Ray Dataset, each with its ``row`` position."""
+def read_source(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0, pairs: bool = False):
+    """The unprocessed rows of ``source`` (see :func:`as_plan`) as a Ray Dataset, each with its ``row`` position
+    (``pairs``: records are preference pairs, ``train.objective: dpo``)."""
     import ray.data
 
     env = {"env_vars": storage.worker_env()} if storage else None
     plan = as_plan(source, data, storage, seed)
-    return ray.data.read_datasource(PlanDatasource(plan, storage, InputPolicy.from_data(data)), runtime_env=env)
+    return ray.data.read_datasource(PlanDatasource(plan, storage, InputPolicy.from_data(data, pairs)), runtime_env=env)
 
 
 def count_rows(source, data: DataConfig, storage: StorageConfig | None, seed: int = 0) -> int:
@@ -248,11 +263,13 @@ def _actor_pool(bounds: int | tuple[int, int]):
 
 
 def build_dataset(source, data: DataConfig, model: ModelConfig, storage: StorageConfig | None,
-                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None, seed: int = 0):
+                  *, num_workers: int = 1, concurrency: int | tuple[int, int] | None = None, seed: int = 0,
+                  pairs: bool = False):
     """A Ray Dataset of processed rows for ``source`` (a data.train value, a Source or a Plan; see
     :func:`as_plan`; ``seed`` draws a mixture's plan).
 
-    ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``.
+    ``concurrency`` (a fixed actor count, or bounds) overrides the pool sized for ``num_workers``;
+    ``pairs``: the records are preference pairs (``train.objective: dpo``), processed as pairs.
     """
     import ray.data
 
@@ -262,11 +279,11 @@ def build_dataset(source, data: DataConfig, model: ModelConfig, storage: Storage
     # A deterministic order per worker: runs are reproducible, and a resumed run skips exactly
     # the rows the interrupted one trained on (see train.loop.epoch_batches).
     context.execution_options.preserve_order = True
-    ds = read_source(source, data, storage, seed)
+    ds = read_source(source, data, storage, seed, pairs)
     return ds.map_batches(
         Preprocess,
         fn_constructor_args=(model, storage, data.model_max_length, data.max_image_pixels,
-                             data.max_image_bytes, data.read_timeout_s, data.video_fps, data.video_max_frames),
+                             data.max_image_bytes, data.read_timeout_s, data.video_fps, data.video_max_frames, pairs),
         batch_size=16,
         compute=_actor_pool(concurrency or preprocess_pool(data, num_workers)),
         num_cpus=data.num_cpus_per_preprocess_task,

@@ -58,11 +58,13 @@ class InputPolicy:
     read_timeout_s: float = 60.0
     image_root: Optional[str] = None
     allow_absolute_paths: bool = False
+    pairs: bool = False
+    """Records are preference pairs (``train.objective: dpo``): read with ``pairs.normalize_pair``."""
 
     @classmethod
-    def from_data(cls, data: DataConfig) -> "InputPolicy":
+    def from_data(cls, data: DataConfig, pairs: bool = False) -> "InputPolicy":
         return cls(data.max_json_depth, data.max_record_bytes, data.max_image_bytes, data.read_timeout_s,
-                   data.image_root, data.allow_absolute_paths)
+                   data.image_root, data.allow_absolute_paths, pairs)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -328,7 +330,7 @@ def _build(first: str, events, where: str, policy: InputPolicy) -> Union[Any, Da
 ROW_COLUMNS = pa.schema([
     ("row", pa.int64()),  # position in the whole dataset: the identity for resume
     ("id", pa.string()),  # the user's id, for reports (may repeat)
-    ("messages", pa.string()),  # JSON list of {"role", "content"[, "loss"]}
+    ("messages", pa.string()),  # JSON list of {"role", "content"[, "loss"]}; a pair: {"prompt", "chosen", "rejected"}
     ("image_refs", pa.list_(pa.string())),  # resolved URIs, in placeholder order
     ("video_refs", pa.list_(pa.string())),
     # Embedded bytes (hub Parquet, WebDataset members, data: URIs), aligned with image_refs /
@@ -360,10 +362,13 @@ def to_row(item: Any, row: int, file_no: int, index: int, uri: str, policy: Inpu
     """Normalize one record into a row; any problem becomes the row's ``reason``.
 
     Embedded media (``{bytes, path}`` structs, raw bytes, base64 ``data:`` URIs) go into
-    ``images``/``videos`` aligned with the refs (see :mod:`omni_ray.data.embedded`).
+    ``images``/``videos`` aligned with the refs (see :mod:`omni_ray.data.embedded`). Under
+    ``policy.pairs`` each record is a preference pair (``omni_ray.data.pairs``) and ``messages``
+    holds ``{"prompt": [turns], "chosen": str, "rejected": str}``.
     """
     from omni_ray.data.embedded import lift_media, split_media
     from omni_ray.data.formats import normalize_record
+    from omni_ray.data.pairs import normalize_pair
 
     user_id = item.get("id") if isinstance(item, dict) else None
     out = {"row": row, "id": f"sample-{row}" if user_id in (None, "") else str(user_id), "messages": "[]",
@@ -373,12 +378,13 @@ def to_row(item: Any, row: int, file_no: int, index: int, uri: str, policy: Inpu
         if isinstance(item, DataError):
             raise item
         record, blobs = lift_media(item)
-        sample = normalize_record(record, row)
+        sample = normalize_pair(record, row) if policy.pairs else normalize_record(record, row)
         where = f"sample {out['id']}"
         images = split_media(sample["image_refs"], blobs, policy.max_image_bytes, where)
         videos = split_media(sample["video_refs"], blobs, policy.max_image_bytes, where)
+        text = ({k: sample[k] for k in ("prompt", "chosen", "rejected")} if policy.pairs else sample["messages"])
         out.update(
-            messages=json.dumps(sample["messages"], ensure_ascii=False),
+            messages=json.dumps(text, ensure_ascii=False),
             tools=json.dumps(sample["tools"], ensure_ascii=False) if sample["tools"] else "",
             **_media_columns("image", images, uri, policy), **_media_columns("video", videos, uri, policy),
         )

@@ -267,6 +267,16 @@ def read_unit(unit: Unit, source: Source, storage: Optional[StorageConfig] = Non
         yield to_row(item, unit.offset + index, file_no, index, unit.uri, policy)
 
 
+def first_records(source: Source, storage: Optional[StorageConfig] = None, n: int = 16) -> list:
+    """The first ``n`` raw records of ``source``'s first unit (what ``omni-ray validate`` tells the objective
+    from); none for prepared shards, which hold processed conversations."""
+    from omni_ray.data.reader import InputPolicy
+
+    units = [u for u in source.units if u.form != "prepared"][:1]
+    records = (record for unit in units for _, record in _records(unit, source, storage, InputPolicy()))
+    return [record for _, record in zip(range(n), records)]
+
+
 def _records(unit: Unit, source: Source, storage: Optional[StorageConfig], policy):
     """``(index, record | DataError)`` of one JSON/JSONL, Parquet or tar unit."""
     if unit.form == "parquet":

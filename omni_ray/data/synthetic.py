@@ -59,3 +59,26 @@ def make_color_dataset(out: str | Path, n_train: int = 480, n_eval: int = 60, se
     out = Path(out)
     rng = np.random.default_rng(seed)
     return write_split(out, "train", n_train, rng), write_split(out, "eval", n_eval, rng)
+
+
+def write_pair_split(out: Path, name: str, n: int, rng: np.random.Generator) -> Path:
+    """Preference pairs in RLAIF-V's format: the chosen answer names the shape's colour, the rejected
+    one another colour (drawn at random), so only the image tells them apart."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    with open(out / f"{name}.jsonl", "w") as f:
+        for i in range(n):
+            color = names[i % len(names)]
+            wrong = names[(i + int(rng.integers(1, len(names)))) % len(names)]
+            rel = f"images/{name}-{i:05d}.png"
+            draw(color, rng).save(out / rel)
+            f.write(json.dumps({"id": f"{name}-{i}", "image": rel, "question": QUESTION, "chosen": color,
+                                "rejected": wrong}) + "\n")
+    return out / f"{name}.jsonl"
+
+
+def make_color_pairs(out: str | Path, n_train: int = 240, n_eval: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """Train and held-out preference pairs over the colour images (``write_pair_split``)."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    return write_pair_split(out, "train", n_train, rng), write_pair_split(out, "eval", n_eval, rng)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from omni_ray.config import Config, ConfigError, DataConfig, ScalingConfig
+from omni_ray.errors import UserError
 from omni_ray.freeze import FreezePlan, plan_freeze
 from omni_ray.launch import lease
 from omni_ray.launch.stops import Stopped, StopNow, Stopper, stopped_message
@@ -58,12 +59,35 @@ def validate(cfg: Config) -> Validated:
                           "prepared prefix (same formats as data.train), or remove train.eval_every")
     if cfg.data.eval:
         check_eval(cfg, hf_config)
+    check_objective(cfg)
     if cfg.lora.qlora and not cfg.scaling.use_gpu:
         raise ConfigError("lora.qlora: 4-bit QLoRA needs CUDA GPUs (bitsandbytes kernels); set "
                           "scaling.use_gpu: true, or lora.qlora: false to train LoRA on a full-precision base")
     if plan.trainable_numel() == 0:
         raise ConfigError("freeze: the plan trains nothing; set at least one group to full or lora")
     return Validated(spec, plan, hf_config)
+
+
+def check_objective(cfg: Config) -> None:
+    """Pairs given to SFT, or SFT conversations given to DPO, are refused from the first records of each
+    data.train source (and data.eval), naming the key; evaluation over pairs is not wired yet."""
+    from omni_ray.data.mixture import check_sources
+    from omni_ray.data.pairs import objective_mismatch
+    from omni_ray.data.sources import first_records
+
+    if cfg.train.objective == "dpo" and cfg.data.eval:
+        raise ConfigError("data.eval: evaluation over preference pairs is not supported yet with train.objective: "
+                          "dpo; remove data.eval (and train.eval_every), or train with train.objective: sft")
+    mixture = cfg.data.is_mixture()
+    try:
+        heads = [(source, first_records(source, cfg.storage)) for source in check_sources(cfg.data, cfg.storage)]
+    except UserError:  # a missing or unreadable source: the data checks name it (describe_data, plan_data)
+        return
+    for i, (source, records) in enumerate(heads):
+        key = f"data.train[{i}]" if mixture else "data.train"
+        problem = objective_mismatch(records, cfg.train.objective, source.units[0].uri if source.units else key, key)
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_eval(cfg: Config, hf_config: dict) -> None:
@@ -258,7 +282,8 @@ def _train(cfg: Config, checked: Validated, location: RunLocation, verbose: bool
     ensure_ray(cfg.scaling, cfg.data, cfg.storage)
     asked = wait_for_gpus(cfg.scaling)
     num_rows = plan.rows
-    dataset = build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers)
+    dataset = build_dataset(plan, cfg.data, cfg.model, cfg.storage, num_workers=cfg.scaling.num_workers,
+                            pairs=cfg.train.objective == "dpo")
     storage_path, filesystem = location.for_ray()
     watcher = RunWatcher(location.uri, cfg.run.loggers, cfg.storage, cfg.model_dump(mode="json"), verbose)
     forwarder = watcher.callback()  # starts the inbox actor, which also carries a stop request to rank 0

@@ -24,8 +24,9 @@ def render_curves(history: list[dict], title: str = "") -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.6), dpi=100)  # a Figure without pyplot: no global state, thread-safe
-    drawn = panels()  # train.metrics: each metric's panel
-    axes = fig.subplots(1, len(drawn))
+    # train.metrics: each metric's panel; a panel with nothing to draw (DPO's rewards in an SFT run) is left out.
+    drawn = [(label, keys) for label, keys in panels() if any(_series(history, k)[0] for k in keys)] or panels()[:1]
+    axes = fig.subplots(1, len(drawn), squeeze=False)[0]
     for ax, (label, keys) in zip(axes, drawn):
         for key in keys:
             steps, values = _series(history, key)

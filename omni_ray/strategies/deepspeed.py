@@ -121,6 +121,10 @@ def deepspeed_config(strategy: StrategyConfig, train: TrainConfig) -> dict[str, 
         # Keep torch's own F.linear: DeepSpeed's memory-efficient replacement is patched into
         # torch.nn.functional for the whole process and computes in a different order.
         zero["memory_efficient_linear"] = False
+        if train.objective == "dpo":
+            # The DPO reference swaps trained values into each partition (train.reference): a parameter
+            # kept gathered between forwards would be read without them.
+            zero["stage3_param_persistence_threshold"] = 0
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if strategy.offload_params:

@@ -13,9 +13,14 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from omni_ray.config import DataConfig, TrainConfig
+from omni_ray.data.batch import IGNORE_INDEX, Batch
 from omni_ray.data.collate import collate
 from omni_ray.data.conversation import SampleProcessor, decode
+from omni_ray.data.pair_processor import PairProcessor, collate_pairs
 from omni_ray.data.packing import pack_samples
 from omni_ray.data.position import PositionSet
 from omni_ray.models.spec import ModelSpec
@@ -52,6 +57,32 @@ class Batcher:
         if not samples:
             return [self(())]
         return pack_samples(samples, self.pack_tokens, self.image_inputs, keep_alive=self.keep_alive)
+
+
+class PairBatcher:
+    """Collates processed preference pairs (``train.objective: dpo``): ``micro_batch_size`` counts pairs,
+    a batch is 2P rows (``collate_pairs``). A batch without an image gets one extra pair whose labels
+    are all ignored (the vision keep-alive, as ``collate``'s row), which the loss leaves out."""
+
+    pack_tokens = None  # data.packing is refused with DPO
+
+    def __init__(self, pair_processor: PairProcessor, spec: ModelSpec):
+        from PIL import Image
+
+        self.image_inputs = spec.image_inputs
+        self.pad_id = pair_processor.processor.tokenizer.pad_token_id or 0
+        pair = pair_processor([{"role": "user", "content": "<image>"}], ".", ",", [Image.new("RGB", (28, 28))])
+        self.keep_alive = {**pair, **{f"{side}_labels": np.full_like(pair[f"{side}_labels"], IGNORE_INDEX)
+                                      for side in ("chosen", "rejected")}}
+        self.empty = self(())
+
+    def __call__(self, pairs) -> Batch:
+        pairs = list(pairs)
+        real = len(pairs)
+        needs_keep_alive = not any(int(p["num_images"]) + int(p["num_videos"]) > 0 for p in pairs)
+        batch = collate_pairs(pairs + [self.keep_alive] * needs_keep_alive, self.image_inputs, self.pad_id)
+        batch["pairs"], batch["keep_alive"] = torch.tensor(real), torch.tensor(int(needs_keep_alive))
+        return batch
 
 
 @dataclass

@@ -24,20 +24,22 @@ import torch.distributed as dist
 
 from omni_ray.config import Config, dump_config
 from omni_ray.data.conversation import SampleProcessor
+from omni_ray.data.pair_processor import PairProcessor
 from omni_ray.data.errors import REASONS
 from omni_ray.data.position import PositionSet
 from omni_ray.freeze import param_groups
 from omni_ray.models.loading import load_processor
 from omni_ray.strategies import build_strategy
 from omni_ray.train import checkpoint as ckpt
-from omni_ray.train.batches import Batcher, EpochBatches, TrainState
+from omni_ray.train.batches import Batcher, EpochBatches, PairBatcher, TrainState
 from omni_ray.train.build import build_trainable_model
 from omni_ray.train.evaluation import Evaluator
 from omni_ray.train.guard import FiniteGuard, FreezeGuard
 from omni_ray.train.loss import fast_paths
 from omni_ray.train.policy import bad_data_error, checkpoint_due, schedule_done, should_log, total_optimizer_steps
 from omni_ray.train.resume import gather_positions, pick_checkpoint
-from omni_ray.train.step import StepResult, train_step
+from omni_ray.train.preference import mean_metrics
+from omni_ray.train.step import StepResult, step_for_run
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     engine.setup_optimizer(param_groups(model, built.plan, cfg.train.weight_decay), total_steps)
     guard = FreezeGuard(engine, built.plan, session.rank)
     finite = FiniteGuard(cfg.train.max_nonfinite_steps)
+    step = step_for_run(cfg, engine)  # DPO: the reference snapshot holds the base values, so before resume
     if session.rank == 0:
         log.info("kernels: %s", fast_paths(session.device))
     # What the trained state depends on (base weights, architecture, freeze plan, LoRA, tokenizer):
@@ -79,12 +82,11 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
     if state.reports:  # the resumed checkpoint's reports once more: the driver logs those it never got
         session.report({"step": state.step, "resumed_from_step": state.step, "replayed": state.reports})
 
-    processor = load_processor(cfg.model, built.local_dir)
-    batcher = Batcher(SampleProcessor(processor, cfg.data.model_max_length, built.spec.image_inputs), built.spec,
-                      cfg.data.row_tokens())
+    batcher = make_batcher(cfg, built)
     batches = EpochBatches(session.dataset_shard("train"), batcher, cfg.train, cfg.data, state)
     evaluator = Evaluator.for_run(cfg.data, cfg.eval, cfg.train, cfg.model, cfg.storage, batcher.keep_alive, run_uri)
-    meter, last = Meter([e.label() for e in cfg.data.entries()], cfg.data.is_mixture()), {}
+    meter = Meter([e.label() for e in cfg.data.entries()], cfg.data.is_mixture(), cfg.train.objective == "dpo")
+    last = {}
     while not schedule_done(state.step, state.epoch, total_steps, cfg.train):
         # The driver got SIGINT/SIGTERM: checkpoint here, between steps, and end (every rank asks at
         # every boundary and all follow rank 0, so all stop at the same step).
@@ -93,7 +95,8 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         micro = batches.next_step(cfg.train.grad_accum)
         # Ranks run in lockstep: a rank whose stream ended early (uneven split, skipped rows
         # after a resume onto another world size) trains on an empty batch until all are done.
-        step_tokens, ranks_with_data = _all_reduce([sum(b.label_tokens for b in micro), bool(micro)])
+        # The step's counts (label tokens; DPO: pairs, chosen tokens) are summed over all ranks.
+        *counts, ranks_with_data = _all_reduce([*step.counts(micro), bool(micro)])
         if ranks_with_data == 0:  # the epoch is over on every rank
             batches.next_epoch()
             continue
@@ -101,7 +104,7 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
         # to rank, and FSDP2 / ZeRO-3 gather and reduce once per forward and backward.
         (forwards,) = _all_reduce([len(micro)], dist.ReduceOp.MAX)
         micro = micro + [batcher.empty] * (int(forwards) - len(micro))
-        result = train_step(engine, micro, step_tokens, session.world_size, session.device)
+        result = step(engine, micro, counts, session.world_size, session.device)
         meter.add(result)
         state.step += 1
         # A non-finite step was skipped; too many in a row, or a run that applied none, stop here.
@@ -134,6 +137,15 @@ def run(cfg: Config, session, num_rows: int, run_uri: str | None = None) -> dict
             last.update(evaluator(engine, state.step, session.rank, session.world_size, session.device))
         save_checkpoint(session, engine, guard, cfg, state, last, record, state.step)
     return last
+
+
+def make_batcher(cfg: Config, built) -> Batcher | PairBatcher:
+    """Collates this run's samples: rows for SFT, pairs of rows for DPO (``micro_batch_size`` counts pairs)."""
+    processor, spec = load_processor(cfg.model, built.local_dir), built.spec
+    if cfg.train.objective == "dpo":
+        return PairBatcher(PairProcessor(processor, cfg.data.model_max_length, spec.image_inputs), spec)
+    return Batcher(SampleProcessor(processor, cfg.data.model_max_length, spec.image_inputs), spec,
+                   cfg.data.row_tokens())
 
 
 def stop_here(session, engine, guard: FreezeGuard, cfg: Config, state: TrainState, meter: "Meter",
@@ -207,9 +219,10 @@ class Meter:
     rejects and keep-alive batches are totals since this process started.
     """
 
-    def __init__(self, sources: list[str] | None = None, mixture: bool = False):
+    def __init__(self, sources: list[str] | None = None, mixture: bool = False, preference: bool = False):
         self.sources = sources or [""]  # data.train's sources by name, in order (one without a mixture)
         self.mixture = mixture
+        self.preference = preference  # DPO: rewards and log-probs, means over the window's pairs
         self.results: list[StepResult] = []
         self.since = time.perf_counter()
         self.keep_alive_batches = 0
@@ -248,14 +261,30 @@ class Meter:
         if self.mixture:  # a mixture: samples and rejects per source, by name
             metrics["samples_by_source"] = {n: int(v) for n, v in zip(self.sources, by_source)}
             metrics["rejected_by_source"] = {n: int(v) for n, v in zip(self.sources, by_source[len(self.sources):])}
+        if self.preference:
+            metrics.update(preference_metrics(r))
         self.results, self.since = [], time.perf_counter()
         return metrics
+
+
+#: The sums ``preference.pair_loss`` gives per micro-batch, all-reduced in this order.
+PAIR_SUMS = ("pairs", "chosen_tokens", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_correct",
+             "logps_chosen", "logps_rejected")
+
+
+def preference_metrics(results: list[StepResult]) -> dict[str, float]:
+    """DPO's metrics over the window on all ranks (collective): per-pair means and the reward accuracy."""
+    totals = _all_reduce([sum(x.metrics.get(k, 0.0) for x in results) for k in PAIR_SUMS])
+    return mean_metrics(dict(zip(PAIR_SUMS, totals)))
 
 
 def log_step(m: dict) -> None:
     log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s%s",
              m["step"], m["total_steps"], m["epoch"], m["loss"], m["lr"], m["grad_norm"], m["samples_per_s"],
              m["tokens_per_s"], f" rejected {m['rejected']}" if m["rejected"] else "")
+    if "rewards_accuracy" in m:
+        log.info("step %d rewards: accuracy %.3f margin %.4f chosen %.4f rejected %.4f", m["step"],
+                 m["rewards_accuracy"], m["rewards_margin"], m["rewards_chosen"], m["rewards_rejected"])
 
 
 def per_rank_digests(digest: str, rank: int, world: int) -> list[str]:

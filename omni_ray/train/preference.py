@@ -235,14 +235,14 @@ def shared_vision(model: torch.nn.Module):
             delattr(inner, name)  # the class's method again
 
 
-def pair_logps(forward, model: torch.nn.Module, batch: Batch, reference=None) -> PairLogps:
+def pair_logps(forward, model: torch.nn.Module, batch: Batch, reference=None, device=None) -> PairLogps:
     """Policy (and reference) log-probs of a ``collate_pairs`` batch: one forward of its 2P rows each.
 
     ``forward(inputs)`` runs the (wrapped) model, e.g. ``engine.forward``; ``model`` is the unwrapped
     one (its output projection and vision module are patched for the block). ``reference`` is a
     ``ReferencePolicy`` (None for SimPO); its forward runs first, without gradients.
     """
-    inputs = batch.model_inputs()
+    inputs = batch.model_inputs(device)
     labels, head = batch.labels, model.get_output_embeddings()
     ref = None
     if reference is not None:
@@ -274,6 +274,11 @@ class PairLogps:
         ct, rt = tokens.chunk(2)
         rc, rr = ref.chunk(2) if ref is not None else (None, None)
         return cls(c, r, ct, rt, rc, rr)
+
+    def first(self, pairs: int) -> "PairLogps":
+        """The first ``pairs`` pairs (a batch's real ones, before its vision keep-alive pair)."""
+        return PairLogps(*(t[:pairs] if t is not None else None for t in (
+            self.chosen, self.rejected, self.chosen_tokens, self.rejected_tokens, self.ref_chosen, self.ref_rejected)))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,18 @@ def _reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def _lazy_init(model: torch.nn.Module) -> None:
+    """Run FSDP2's lazy init now, outside the reference: it fixes each group's gradient dtype from the
+    parameters that require grad at that moment, and peft's ``disable_adapter`` turns ``requires_grad``
+    off on the adapters (a first forward inside it, over bf16 frozen weights, gave LoRA bf16 gradients
+    for fp32 parameters and failed)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+    if root is not None:
+        root._get_fsdp_state()._lazy_init()  # noqa: SLF001 - a no-op once the first forward ran
+
+
 class ReferencePolicy:
     """``with reference.active(): model(...)`` computes the initial model's outputs.
 
@@ -99,6 +111,7 @@ class ReferencePolicy:
             raise RuntimeError("a reference-free objective (simpo) has no reference policy")
         was_training = self.model.training
         stash = {}
+        _lazy_init(self.model)
         with torch.no_grad():
             try:
                 _reshard(self.model)

@@ -7,14 +7,18 @@ rank still has data), and returns what the step measured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
+from omni_ray.config import Config, DpoConfig
 from omni_ray.data.batch import Batch
 from omni_ray.strategies.base import StepStats, Strategy
 from omni_ray.train.loss import head_loss, token_loss_sum
 from omni_ray.train.packing import packed_model_inputs
+from omni_ray.train.preference import REFERENCE_FREE, answer_tokens, objective, pair_logps, pair_loss
+from omni_ray.train.reference import ReferencePolicy
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class StepResult:
     positions: int = 0
     """Sequence positions the model computed: rows x padded length, so ``tokens / positions`` is the
     useful fraction (1.0 when packed, lower for padded batches of mixed lengths)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """DPO: the preference metrics' sums (``preference.pair_loss``); empty for SFT."""
 
 
 def model_loss(engine: Strategy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
@@ -73,3 +79,65 @@ def train_step(engine: Strategy, micro_batches: list[dict], step_tokens: float, 
         positions += batch["input_ids"].numel()
         keep_alive += int(batch.keep_alive)
     return StepResult(loss_sum, label_tokens, samples, tokens, keep_alive, engine.step(), positions)
+
+
+# --- the step by objective ---------------------------------------------------------------------
+
+
+class SftStep:
+    """``train.objective: sft``: the step is normalised by the label tokens of the whole step."""
+
+    def counts(self, micro_batches: list[Batch]) -> list[float]:
+        """What the loop sums over all ranks before the step."""
+        return [sum(b.label_tokens for b in micro_batches)]
+
+    def __call__(self, engine: Strategy, micro_batches: list[dict], counts: list[float], world_size: int,
+                 device: torch.device) -> StepResult:
+        return train_step(engine, micro_batches, counts[0], world_size, device)
+
+
+@dataclass
+class PreferenceStep:
+    """``train.objective: dpo``: one forward of each micro-batch's 2P rows (and one of the reference
+    before it), the pair loss normalised by the pairs of the whole step (``preference.objective``).
+
+    Its ``StepResult`` counts pairs as samples and as ``label_tokens`` (so the reported ``loss`` is
+    the mean pair loss) and carries the metrics' sums.
+    """
+
+    dpo: DpoConfig
+    reference: ReferencePolicy | None
+
+    @classmethod
+    def build(cls, dpo: DpoConfig, engine: Strategy) -> "PreferenceStep":
+        """Snapshot the reference now: after ``engine.wrap``, before a checkpoint is loaded into the model."""
+        reference_free = dpo.loss_type in REFERENCE_FREE  # SimPO: no reference forward, no snapshot
+        return cls(dpo, None if reference_free else ReferencePolicy(engine.unwrapped()))
+
+    def counts(self, micro_batches: list[Batch]) -> list[float]:
+        """Pairs and chosen answer tokens of this rank's micro-batches (the keep-alive pair has none)."""
+        return [sum(int(b["pairs"]) for b in micro_batches),
+                sum(int(answer_tokens(b.labels).chunk(2)[0].sum()) for b in micro_batches)]
+
+    def __call__(self, engine: Strategy, micro_batches: list[dict], counts: list[float], world_size: int,
+                 device: torch.device) -> StepResult:
+        engine.zero_grad()
+        dpo, (step_pairs, step_chosen_tokens) = self.dpo, counts
+        loss_sum, pairs, tokens, keep_alive, positions, sums = 0.0, 0, 0, 0, 0, Counter()
+        for batch in map(Batch, micro_batches):
+            logps = pair_logps(engine.forward, engine.unwrapped(), batch, self.reference, device)
+            logps = logps.first(int(batch["pairs"]))  # without the vision keep-alive pair
+            part = pair_loss(logps, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.gamma())
+            engine.backward(objective(part, dpo.sft_weight, step_pairs, step_chosen_tokens, world_size))
+            loss_sum += float(part.loss_sum.detach())
+            sums.update(part.metrics)
+            pairs += int(batch["pairs"])
+            tokens += batch.real_tokens()
+            positions += batch["input_ids"].numel()
+            keep_alive += int(batch.keep_alive)
+        return StepResult(loss_sum, pairs, pairs, tokens, keep_alive, engine.step(), positions, dict(sums))
+
+
+def step_for_run(cfg: Config, engine: Strategy) -> SftStep | PreferenceStep:
+    """The step of ``train.objective`` (built after the engine wrapped the model and before resume)."""
+    return PreferenceStep.build(cfg.dpo, engine) if cfg.train.objective == "dpo" else SftStep()

@@ -159,11 +159,12 @@ def models(s3):
     return s3
 
 
-def _endpoint(s3) -> list[str]:
+def _endpoint(s3, pairs: bool = False) -> list[str]:
     # validate also resolves data.train (it must exist): the job files' data bucket is not in
-    # the test's S3, so a one-record local file stands in for it.
+    # the test's S3, so a one-record local file stands in for it (a preference pair for DPO jobs).
     data = Path(tempfile.mkdtemp()) / "d.jsonl"
-    data.write_text('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    data.write_text('{"question": "q", "chosen": "a", "rejected": "b"}\n' if pairs else
+                    '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     return ["--set", f"storage.endpoint_url={s3.endpoint_url}", "--set", f"data.train={data}"]
 
 
@@ -236,7 +237,14 @@ def check_minicpmv46_flags_lora(result):
     assert not [p.name for p in plan.params if p.group == "llm" and p.mode == "full"]
 
 
+def check_minicpmv46_dpo(result):
+    rows = _by_group(result.plan)
+    assert rows["vision"]["full"] == rows["projector"]["full"] == 0  # the reference is the base: no snapshot
+    assert set(result.plan.lora_numel) == {"llm"}
+
+
 CHECKS = {
+    "minicpmv46_dpo.yaml": check_minicpmv46_dpo,
     "minicpmv46_lora.yaml": check_minicpmv46_lora,
     "minicpmv46_vision_lastn.yaml": check_minicpmv46_vision_lastn,
     "minicpmv46_full_zero3.yaml": check_minicpmv46_full_zero3,
@@ -279,7 +287,7 @@ def test_job_config_passes_omni_ray_validate(path, models, capsys, monkeypatch):
 
     monkeypatch.setattr(driver, "validate", recording_validate)
     assert not cfg.model.trust_remote_code, f"{path.name}: remote-code checkpoints are refused by name"
-    rc = cli.main(["validate", str(path), *_endpoint(models)])
+    rc = cli.main(["validate", str(path), *_endpoint(models, cfg.train.objective == "dpo")])
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert "config ok" in out, out + err

@@ -55,13 +55,22 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("mixed"))
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Preference pairs (RLAIF-V format) for the jobs with train.objective: dpo."""
+    from omni_ray.data.synthetic import make_color_pairs
+
+    return make_color_pairs(tmp_path_factory.mktemp("pairs"), n_train=8, n_eval=1)[0]
+
+
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=[p.name for p in JOB_CONFIGS])
-def test_job_trains_on_a_tiny_model(path, tiny_models, dataset, tmp_path):
+def test_job_trains_on_a_tiny_model(path, tiny_models, dataset, pairs, tmp_path):
     job = load_config(path)
     checkpoint = job.model.path.rstrip("/").rsplit("/", 1)[-1]
     assert checkpoint in TINY, f"{path.name}: add a tiny stand-in for {job.model.path} to TINY"
     cfg = load_config(path, _overrides(path, {
-        "model.path": tiny_models[checkpoint], "data.train": dataset, "data.model_max_length": 512,
+        "model.path": tiny_models[checkpoint], "data.train": pairs if job.train.objective == "dpo" else dataset,
+        "data.model_max_length": 512,
         "scaling.num_workers": 1, "scaling.use_gpu": "false", "run.storage_path": tmp_path / "runs",
         "train.max_steps": 2, "train.micro_batch_size": 2, "train.grad_accum": 1, "train.warmup_steps": 0,
     }))
@@ -71,6 +80,8 @@ def test_job_trains_on_a_tiny_model(path, tiny_models, dataset, tmp_path):
     last = [r for r in session.reports if "loss" in r][-1]
     assert last["step"] == 2 and math.isfinite(last["loss"]), last
     assert last["frozen_unchanged"] is True
+    if job.train.objective == "dpo":
+        assert 0.0 <= last["rewards_accuracy"] <= 1.0 and math.isfinite(last["rewards_margin"]), last
     trained = {g: row["trainable"] for g, row in last["audit"].items()}
     assert sum(trained.values()) > 0 and trained == {g: row["planned"] for g, row in last["audit"].items()}
     assert session.reports[-1]["checkpoint"], "the run ends with a checkpoint"
