@@ -129,7 +129,10 @@ def head_loss(head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = N
     and the loss is taken from its full logits: correct, without the memory saving.
     """
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or getattr(head, "bias", None) is not None or weight.ndim != 2:
+    # ZeRO-3 keeps a flat, empty partition in .weight outside the forward (its hook gathers the
+    # whole matrix just before it); ``ds_shape`` is the real shape.
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
+    if not isinstance(weight, torch.Tensor) or getattr(head, "bias", None) is not None or len(shape) != 2:
         log.warning("lm_head %s is not a bias-free Linear: the loss materialises its logits",
                     type(head).__name__)
         original = head.forward

@@ -113,3 +113,27 @@ def test_the_first_log_line_names_the_kernels_in_use_on_cpu():
     line = fast_paths(torch.device("cpu"))
     # CPU never takes the CUDA-only kernels, installed or not.
     assert "loss chunked-torch" in line and "linear attention torch reference" in line and "attention sdpa" in line
+
+
+def test_a_zero3_partitioned_head_still_takes_the_chunked_loss(caplog):
+    """Outside the forward ZeRO-3 leaves an empty flat partition in ``.weight`` (its ``ds_shape`` is
+    the real one) and gathers the matrix in the head's pre-forward hook: read at the 1.3B run, the
+    head looked like no Linear and every step materialised [tokens, 248k] logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 32, bias=False)
+    full = head.weight.data.clone()
+    hidden = torch.randn(1, 6, 8)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 7, 1, 9]])
+    head.weight.data = torch.empty(0)
+    head.weight.ds_shape = full.shape
+    calls = []
+    plain = torch.nn.Linear.forward
+    with caplog.at_level("WARNING"), head_loss(head, labels):
+        head.weight.data = full  # what ZeRO-3's pre-forward hook does
+        torch.nn.Linear.forward = lambda self, x: calls.append(1) or plain(self, x)
+        try:
+            loss = head(hidden)
+        finally:
+            torch.nn.Linear.forward = plain
+    assert "materialises" not in caplog.text and calls == []
+    assert float(loss) == pytest.approx(float(token_loss_sum(hidden @ full.t(), labels)), rel=1e-6)
