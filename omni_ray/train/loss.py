@@ -121,6 +121,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return ChunkedLinearCrossEntropy.apply(h, weight, t, chunk or chunk_tokens(weight.shape[0]))
 
 
+def is_plain_head(head: torch.nn.Module) -> bool:
+    """A bias-free Linear: its weight can go straight into the chunked loss at forward time.
+
+    ZeRO-3 keeps a flat, empty partition in ``.weight`` outside the forward (its pre-forward hook
+    gathers the whole matrix); ``ds_shape`` is the real shape then.
+    """
+    weight = getattr(head, "weight", None)
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
+    return isinstance(weight, torch.Tensor) and getattr(head, "bias", None) is None and len(shape) == 2
+
+
 @contextlib.contextmanager
 def head_loss(head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = None):
     """Within the block, ``head(hidden)`` returns the token-sum loss against ``labels`` instead of logits.
@@ -128,11 +139,7 @@ def head_loss(head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = N
     A head that is not a plain bias-free Linear (a LoRA-adapted lm_head) keeps its own forward,
     and the loss is taken from its full logits: correct, without the memory saving.
     """
-    weight = getattr(head, "weight", None)
-    # ZeRO-3 keeps a flat, empty partition in .weight outside the forward (its hook gathers the
-    # whole matrix just before it); ``ds_shape`` is the real shape.
-    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
-    if not isinstance(weight, torch.Tensor) or getattr(head, "bias", None) is not None or len(shape) != 2:
+    if not is_plain_head(head):
         log.warning("lm_head %s is not a bias-free Linear: the loss materialises its logits",
                     type(head).__name__)
         original = head.forward
@@ -155,5 +162,5 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-__all__ = ["ChunkedLinearCrossEntropy", "chunk_tokens", "fast_paths", "fused_loss_backend", "head_loss",
+__all__ = ["ChunkedLinearCrossEntropy", "chunk_tokens", "fast_paths", "fused_loss_backend", "head_loss", "is_plain_head",
            "linear_cross_entropy", "token_loss_sum"]

@@ -96,7 +96,7 @@ from torch._subclasses.fake_tensor import is_fake
 from omni_ray.config import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SMOOTHED as SMOOTHED
 from omni_ray.data.batch import Batch
 from omni_ray.data.conversation import IGNORE_INDEX
-from omni_ray.train.loss import chunk_tokens
+from omni_ray.train.loss import chunk_tokens, is_plain_head
 
 #: Loss types without a reference policy (no reference forward, no snapshot).
 REFERENCE_FREE = ("simpo",)
@@ -173,8 +173,7 @@ def head_logps(head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = 
     ZeRO-3 gather it there); a head that is not a bias-free Linear keeps its own forward and the
     log-probs come from its full logits.
     """
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and getattr(head, "bias", None) is None and weight.ndim == 2:
+    if is_plain_head(head):
         head.forward = lambda hidden: sequence_logps(hidden, head.weight, labels, chunk)
     else:
         original = head.forward
