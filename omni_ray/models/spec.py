@@ -35,6 +35,12 @@ class ModelSpec:
     against this architecture (N ranks give the loss and gradients of one, tests/dist)."""
     sequence_parallel_blocker: str = ""
     """Why not, when there is a reason beyond "not checked yet" (shown at validate)."""
+    zero3_leaf_modules: tuple[str, ...] = ()
+    """Classes whose forward calls a submodule a data-dependent number of times (once per image):
+    ZeRO-3 gathers parameters per submodule call, so two ranks with different image counts would
+    issue different all-gathers and hang. Marked as ZeRO-3 leaves, each gathers its parameters once
+    per forward. (Tiny test models never show it: their small weights stay whole under ZeRO-3's
+    persistence threshold; found at 1.3B.)"""
     config_from_processor: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """``model.processor`` keys that change the model as well as the processor -> allowed values.
     They are passed to the model's config too, so both sides agree (MiniCPM-V's downsample_mode)."""
@@ -110,6 +116,7 @@ def _native_minicpmv(name: str, version: str) -> ModelSpec:
         # "4x" skips the ViT's insert merger: 4x the image tokens (the model card's finer-detail
         # option). The processor counts tokens and the model merges patches by this one setting.
         config_from_processor={"downsample_mode": ("16x", "4x")},
+        zero3_leaf_modules=(f"MiniCPMV{version.upper()}Merger",),  # its MLPs run once per image
         sequence_parallel_blocker="its Gated DeltaNet (linear-attention) layers carry a recurrent and a conv state "
         "along the sequence, and passing that state from rank to rank (with its gradient) is not implemented yet",
     )

@@ -75,6 +75,7 @@ checkpoints lives in ``omni_ray.strategies.zero_state``.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -84,6 +85,8 @@ from omni_ray.config import ConfigError, StrategyConfig, TrainConfig
 from omni_ray.models.spec import ModelSpec
 from omni_ray.strategies import zero_state
 from omni_ray.strategies.base import StepStats, Strategy, make_scheduler
+
+log = logging.getLogger(__name__)
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -234,9 +237,31 @@ class DeepSpeedStrategy(Strategy):
         if self.stage == 3:
             import deepspeed
 
+            self._mark_zero3_leaves(model, spec)
             deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config, dtype=dtype or torch.float32)
         self.model = model
         return model
+
+    def _mark_zero3_leaves(self, model, spec: ModelSpec) -> None:
+        """``ModelSpec.zero3_leaf_modules`` as ZeRO-3 leaves (read when ``deepspeed.initialize`` hooks them).
+
+        On a CPU device only leaves with no trained parameter: DeepSpeed's ZeRO-3 ``zero_grad`` calls
+        ``record_stream`` on a leaf's gradients, which CPU tensors refuse (DeepSpeed 0.18 with its CPU
+        accelerator). A trained one there is left unmarked, with a warning that ranks with different
+        image counts can hang.
+        """
+        from deepspeed.utils import set_z3_leaf_modules
+
+        found = [m for m in model.modules() if type(m).__name__ in spec.zero3_leaf_modules]
+        trained = {type(m).__name__ for m in found if any(p.requires_grad for p in m.parameters())}
+        if self.device.type != "cuda" and trained:
+            log.warning("ZeRO-3 on CPU with %s trained: not marked as a ZeRO-3 leaf (DeepSpeed's CPU path cannot), "
+                        "so ranks whose batches hold different image counts can hang; freeze it, use FSDP2, or GPUs",
+                        ", ".join(sorted(trained)))
+            found = [m for m in found if type(m).__name__ not in trained]
+        classes = sorted({type(m) for m in found}, key=lambda cls: cls.__name__)
+        if classes:
+            set_z3_leaf_modules(model, classes)
 
     def setup_optimizer(self, param_groups: list[dict], total_steps: int) -> None:
         import deepspeed
