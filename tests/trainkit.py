@@ -9,6 +9,15 @@ from omni_ray.train.loop import run
 from omni_ray.train.session import ListIterator, LocalSession
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a gloo rendezvous for torch.multiprocessing tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def processed_rows(cfg: Config, files) -> list[dict]:
     """The rows Ray Data would stream to a worker for one annotation file or a list of them, read in
     order as one dataset (preprocessed in this process; pairs under ``train.objective: dpo``)."""

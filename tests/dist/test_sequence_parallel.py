@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from trainkit import free_port
 
 CASES = ["padded", "packed", "video", "long", "packed_lora_checkpointing"]
 TOL = 1e-4
@@ -221,19 +221,13 @@ def _worker(rank: int, path: str, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     from omni_ray.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("sp")
     path = str(build_tiny("qwen2_5_vl", root / "model"))
-    mp.spawn(_worker, args=(path, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(path, free_port(), str(root)), nprocs=2, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+
+from trainkit import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -85,17 +86,11 @@ def _worker(rank: int, model_dir: str, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_with_different_image_counts_train_under_zero3(tmp_path, tiny_minicpmv):
     from omni_ray.train.build import build_trainable_model
     from omni_ray.train.step import model_loss
 
-    mp.spawn(_worker, args=(str(tiny_minicpmv), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tiny_minicpmv), free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0]["leaves"] == ["MiniCPMV4_6Merger"]
     # The same samples on the unsharded model (same initial weights: LoRA's B starts at zero).
